@@ -1,0 +1,171 @@
+"""Wire formats shared by the SDK and the reference backend.
+
+Everything here is pure (no I/O) so both halves import it and can never disagree:
+
+* the canonical manifest of a dataset or model and its checksum;
+* the validation of relative paths (manifest entries, the task's ``output``);
+* how hyperparameters become command-line arguments (Anylearn's prefix/delimiter convention,
+  which also covers Hydra's ``key=value`` and ``+key=value`` overrides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: Modes a manifest records, as git does: only the executable bit survives.
+FILE_MODES = (0o644, 0o755)
+#: Names of the mount environment variables, also usable as ``${VAR}`` placeholders.
+MOUNT_ENV_VARS = {
+    "dataset": "ANYLEARN_DATASET_DIR",
+    "model": "ANYLEARN_MODEL_DIR",
+    "pretrain": "ANYLEARN_PRETRAIN_DIR",
+    "output": "ANYLEARN_OUTPUT_DIR",
+}
+
+
+@dataclass(frozen=True, order=True)
+class ManifestEntry:
+    """One file of a dataset or model.
+
+    Attributes:
+        path: relative POSIX path inside the dataset root.
+        size: bytes.
+        mode: 0o644 or 0o755 (executable bit only, as git records it).
+        sha256: lowercase hex digest of the content.
+    """
+
+    path: str
+    size: int
+    mode: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "mode": self.mode, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ManifestEntry:
+        return cls(str(data["path"]), int(data["size"]), int(data["mode"]), str(data["sha256"]))
+
+
+def normalize_mode(st_mode: int) -> int:
+    """Map a stat mode to the manifest's mode: 0o755 if any execute bit is set, else 0o644."""
+    return 0o755 if st_mode & 0o111 else 0o644
+
+
+def manifest_checksum(entries: Iterable[ManifestEntry]) -> str:
+    """The checksum of a dataset or model: sha256 of its canonical manifest.
+
+    The canonical form is the compact JSON array ``[[path, size, mode, sha256], ...]`` sorted by
+    path, UTF-8 encoded. Two folders with the same files (paths, contents and executable bits)
+    have the same checksum whatever their mtimes, owners or location.
+
+    Returns:
+        64-character lowercase hex string.
+    """
+    rows = sorted((e.path, e.size, e.mode, e.sha256) for e in entries)
+    canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_relative_path(path: str, *, what: str = "path") -> str:
+    """Validate a relative POSIX path that must stay inside its root.
+
+    Args:
+        path: the path to check.
+        what: how to name the value in the error message.
+
+    Returns:
+        The path, normalized (no ``.`` components, no trailing slash).
+
+    Raises:
+        ValueError: if the path is empty, absolute, contains ``..``, a backslash, a NUL or an
+            empty component.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{what} {path!r} is empty; give a relative path such as 'output'")
+    if "\x00" in path or "\\" in path:
+        raise ValueError(f"{what} {path!r} contains a NUL or a backslash; use '/' separators")
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        raise ValueError(f"{what} {path!r} is absolute; it must be relative to its root")
+    parts = [p for p in pure.parts if p != "."]
+    if ".." in parts:
+        raise ValueError(f"{what} {path!r} contains '..'; it must stay inside its root")
+    if not parts:
+        raise ValueError(f"{what} {path!r} names the root itself; give a sub-folder")
+    return "/".join(parts)
+
+
+def validate_manifest(entries: Iterable[Mapping]) -> list[ManifestEntry]:
+    """Parse and check a manifest received over the wire.
+
+    Raises:
+        ValueError: naming the first bad entry: a bad path, a negative size, an unknown mode, a
+            malformed digest, a duplicate path, or a path that is both a file and a folder.
+    """
+    parsed: list[ManifestEntry] = []
+    for raw in entries:
+        try:
+            entry = ManifestEntry.from_json(raw)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"manifest entry {raw!r} needs path, size, mode and sha256") from err
+        normalized = check_relative_path(entry.path, what="manifest path")
+        if normalized != entry.path:
+            raise ValueError(f"manifest path {entry.path!r} is not normalized ({normalized!r})")
+        if entry.size < 0:
+            raise ValueError(f"manifest entry {entry.path!r} has negative size {entry.size}")
+        if entry.mode not in FILE_MODES:
+            raise ValueError(f"manifest entry {entry.path!r} has mode {entry.mode:o}; use 644 or 755")
+        if not SHA256_HEX.fullmatch(entry.sha256):
+            raise ValueError(f"manifest entry {entry.path!r} has a malformed sha256")
+        parsed.append(entry)
+    paths = {e.path for e in parsed}
+    if len(paths) != len(parsed):
+        raise ValueError("manifest lists the same path twice")
+    for p in paths:
+        for parent in PurePosixPath(p).parents:
+            if str(parent) in paths:
+                raise ValueError(f"manifest path {str(parent)!r} is both a file and a folder")
+    return sorted(parsed)
+
+
+def substitute_placeholders(text: str, env: Mapping[str, str]) -> str:
+    """Replace ``${VAR}`` for the mount variables in ``env``; other text is left as is."""
+
+    def repl(match: re.Match) -> str:
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return re.sub(r"\$\{(ANYLEARN_[A-Z_]+)\}", repl, text)
+
+
+def format_hyperparams(
+    hyperparams: Mapping[str, object], prefix: str = "--", delimiter: str = " "
+) -> list[str]:
+    """Turn hyperparameters into shell-quoted command-line words.
+
+    Follows the Anylearn SDK convention: ``{"lr": 0.1}`` with prefix ``--`` and delimiter ``" "``
+    gives ``--lr 0.1``; delimiter ``"="`` gives ``--lr=0.1``; a value of ``""`` (or None) is a
+    bare flag ``--verbose``. Hydra overrides use prefix ``""`` (``lr=0.1``), ``+`` or ``++``
+    with delimiter ``"="``.
+
+    Returns:
+        Shell words, each already quoted with :func:`shlex.quote`, in the mapping's order.
+    """
+    words: list[str] = []
+    for key, value in hyperparams.items():
+        flag = f"{prefix}{key}"
+        if value is None or value == "":
+            words.append(shlex.quote(flag))
+        elif delimiter.strip() == "":
+            words.extend([shlex.quote(flag), shlex.quote(str(value))])
+        else:
+            words.append(shlex.quote(f"{flag}{delimiter}{value}"))
+    return words

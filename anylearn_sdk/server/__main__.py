@@ -1,0 +1,3 @@
+from anylearn_sdk.server.runner import main
+
+main()

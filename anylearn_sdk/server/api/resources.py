@@ -1,0 +1,158 @@
+"""Datasets and models: versions addressed by their manifest checksum.
+
+``POST /datasets`` (or ``/models``) with a manifest registers a version and answers which
+objects the server lacks (``missing``, sha256 digests); the client uploads only those through
+tus (:mod:`anylearn_sdk.server.api.uploads`). A version is READY once every object of its
+manifest is in the verified object store; a pack that fails verification makes it ERROR.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from anylearn_sdk.protocol import ManifestEntry, manifest_checksum, validate_manifest
+from anylearn_sdk.server.api.accounts import NAME_PATTERN, owned_project
+from anylearn_sdk.server.context import DB, Ctx, CurrentUser, bad_request, not_found
+from anylearn_sdk.server.db import Resource, User, iso, new_id
+from anylearn_sdk.server.objects import ObjectStore
+from anylearn_sdk.states import ResourceState
+
+KINDS = {"dataset": ("datasets", "dset"), "model": ("models", "model")}
+
+
+class NewResource(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    checksum: str = Field(pattern=r"^[0-9a-f]{64}$")
+    manifest: list[dict]
+    project_id: str | None = None
+
+
+def resource_json(res: Resource, *, missing: list[str] | None = None, manifest: bool = False):
+    data = {
+        "id": res.id,
+        "kind": res.kind,
+        "name": res.name,
+        "project_id": res.project_id,
+        "checksum": res.checksum,
+        "state": res.state,
+        "file_count": res.file_count,
+        "total_bytes": res.total_bytes,
+        "error": res.error,
+        "created_at": iso(res.created_at),
+    }
+    if missing is not None:
+        data["missing"] = missing
+    if manifest:
+        data["manifest"] = res.manifest
+    return data
+
+
+def owned_resource(session: Session, user: User, kind: str, resource_id: str) -> Resource:
+    res = session.get(Resource, resource_id)
+    if (
+        res is None
+        or res.owner_id != user.id
+        or res.kind != kind
+        or res.state == ResourceState.DELETED
+    ):
+        raise not_found(kind, resource_id)
+    return res
+
+
+def manifest_of(res: Resource) -> list[ManifestEntry]:
+    return [ManifestEntry.from_json(e) for e in res.manifest]
+
+
+def refresh_state(res: Resource, objects: ObjectStore) -> list[str]:
+    """Mark ``res`` READY if every object is stored; returns the digests still missing."""
+    missing = objects.missing(e["sha256"] for e in res.manifest)
+    if not missing and res.state in (ResourceState.CREATED, ResourceState.UPLOADING):
+        res.state = ResourceState.READY
+    return missing
+
+
+def make_router(kind: str) -> APIRouter:
+    plural, id_prefix = KINDS[kind]
+    router = APIRouter(prefix=f"/{plural}", tags=[plural])
+
+    @router.get("", name=f"list_{plural}")
+    def list_resources(
+        user: CurrentUser, session: DB, checksum: str | None = None, name: str | None = None
+    ) -> list[dict]:
+        query = (
+            select(Resource)
+            .where(
+                Resource.owner_id == user.id,
+                Resource.kind == kind,
+                Resource.state != ResourceState.DELETED,
+            )
+            .order_by(Resource.created_at)
+        )
+        if checksum is not None:
+            query = query.where(Resource.checksum == checksum)
+        if name is not None:
+            query = query.where(Resource.name == name)
+        return [resource_json(r) for r in session.scalars(query)]
+
+    @router.post("", name=f"register_{kind}")
+    def register(
+        body: NewResource, user: CurrentUser, session: DB, ctx: Ctx, response: Response
+    ) -> dict:
+        """Register a version by manifest; idempotent on (user, checksum).
+
+        Answers 201 for a new version, 200 for an existing one, with ``missing``: the sha256
+        digests of the objects to upload.
+        """
+        try:
+            entries = validate_manifest(body.manifest)
+        except ValueError as err:
+            raise bad_request(str(err)) from err
+        if manifest_checksum(entries) != body.checksum:
+            raise bad_request(f"checksum {body.checksum} does not match the manifest")
+        project = owned_project(session, user, body.project_id)
+        res = session.scalar(
+            select(Resource).where(
+                Resource.owner_id == user.id,
+                Resource.kind == kind,
+                Resource.checksum == body.checksum,
+                Resource.state.not_in([ResourceState.DELETED, ResourceState.ERROR]),
+            )
+        )
+        response.status_code = 200
+        if res is None:
+            res = Resource(
+                id=new_id(id_prefix),
+                kind=kind,
+                owner_id=user.id,
+                project_id=project.id,
+                name=body.name,
+                checksum=body.checksum,
+                state=ResourceState.UPLOADING,
+                manifest=[e.to_json() for e in entries],
+                file_count=len(entries),
+                total_bytes=sum(e.size for e in entries),
+            )
+            session.add(res)
+            response.status_code = 201
+        missing = refresh_state(res, ctx.objects)
+        session.commit()
+        return resource_json(res, missing=missing)
+
+    @router.get("/{resource_id}", name=f"get_{kind}")
+    def get_resource(
+        resource_id: str, user: CurrentUser, session: DB, manifest: bool = False
+    ) -> dict:
+        return resource_json(owned_resource(session, user, kind, resource_id), manifest=manifest)
+
+    @router.delete("/{resource_id}", status_code=204, name=f"delete_{kind}")
+    def delete_resource(resource_id: str, user: CurrentUser, session: DB) -> Response:
+        """Mark the version DELETED; its objects stay for other versions that share them."""
+        res = owned_resource(session, user, kind, resource_id)
+        res.state = ResourceState.DELETED
+        session.commit()
+        return Response(status_code=204)
+
+    return router

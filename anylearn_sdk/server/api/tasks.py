@@ -1,0 +1,251 @@
+"""Train tasks: create (idempotent), list, get, cancel, logs, results."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
+
+from anylearn_sdk.protocol import check_relative_path
+from anylearn_sdk.server import gitrepos
+from anylearn_sdk.server.api.accounts import owned_project
+from anylearn_sdk.server.api.algorithms import owned_algorithm
+from anylearn_sdk.server.api.resources import owned_resource
+from anylearn_sdk.server.api.runtime import Amounts
+from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, bad_request, not_found
+from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask, User, iso
+from anylearn_sdk.server.scheduler import RESOURCE_KEYS, TaskPaths, fits
+from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
+
+router = APIRouter(prefix="/train-tasks", tags=["train tasks"])
+LOG_CHUNK_BYTES = 1024 * 1024
+HyperValue = str | int | float | bool | None
+
+
+class Mount(BaseModel):
+    ids: list[str] = Field(default_factory=list)
+    hyperparam_name: str | None = None
+
+
+class Mounts(BaseModel):
+    dataset: Mount = Mount()
+    model: Mount = Mount()
+    pretrain: Mount = Mount()
+
+
+class NewTask(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+    description: str = ""
+    project_id: str | None = None
+    algorithm_id: str
+    commit: str
+    entrypoint: str = Field(min_length=1)
+    hyperparams: dict[str, HyperValue] = Field(default_factory=dict)
+    hyperparams_prefix: str = Field(default="--", max_length=16)
+    hyperparams_delimiter: str = Field(default=" ", max_length=16)
+    mounts: Mounts = Mounts()
+    output: str = "output"
+    mirror_id: str
+    quota_group_id: str
+    request: Amounts | None = None
+    num_nodes: int = Field(default=1, ge=1, le=64)
+    nproc_per_node: int = Field(default=1, ge=1, le=64)
+
+
+def task_json(t: TrainTask) -> dict:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "description": t.description,
+        "state": t.state,
+        "project_id": t.project_id,
+        "algorithm_id": t.algorithm_id,
+        "commit": t.commit,
+        "entrypoint": t.entrypoint,
+        "hyperparams": t.hyperparams,
+        "hyperparams_prefix": t.hyperparams_prefix,
+        "hyperparams_delimiter": t.hyperparams_delimiter,
+        "mounts": t.mounts,
+        "output": t.output,
+        "mirror_id": t.mirror_id,
+        "quota_group_id": t.quota_group_id,
+        "request": t.request,
+        "num_nodes": t.num_nodes,
+        "nproc_per_node": t.nproc_per_node,
+        "command": t.command,
+        "exit_code": t.exit_code,
+        "error": t.error,
+        "created_at": iso(t.created_at),
+        "started_at": iso(t.started_at),
+        "finished_at": iso(t.finished_at),
+    }
+
+
+def owned_task(session: Session, user: User, task_id: str) -> TrainTask:
+    task = session.get(TrainTask, task_id)
+    if task is None or task.owner_id != user.id:
+        raise not_found("train task", task_id)
+    return task
+
+
+def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, str]:
+    """Check every reference before anything is written; returns (request, output)."""
+    try:
+        output = check_relative_path(body.output, what="output")
+    except ValueError as err:
+        raise bad_request(str(err)) from err
+    owned_project(session, user, body.project_id)
+    alg = owned_algorithm(session, user, body.algorithm_id)
+    if not gitrepos.has_commit(ctx.paths.repo(alg.id), body.commit):
+        raise bad_request(f"commit {body.commit!r} is not in algorithm {alg.id}; push it first")
+    for kind in ("dataset", "model"):
+        for ref in getattr(body.mounts, kind).ids:
+            res = owned_resource(session, user, kind, ref)
+            if res.state != ResourceState.READY:
+                raise bad_request(f"{kind} {ref} is {res.state}, not READY")
+    for ref in body.mounts.pretrain.ids:
+        earlier = owned_task(session, user, ref)
+        if earlier.state != TaskState.SUCCEEDED:
+            raise bad_request(f"pretrain task {ref} is {earlier.state}, not SUCCEEDED")
+    if session.get(Mirror, body.mirror_id) is None:
+        raise not_found("mirror", body.mirror_id)
+    group = session.get(QuotaGroup, body.quota_group_id)
+    if group is None:
+        raise not_found("quota group", body.quota_group_id)
+    request = body.request.model_dump() if body.request else dict(group.default_request)
+    if not fits(request, {}, group.capacity):
+        wanted = ", ".join(f"{k}={request.get(k, 0)}" for k in RESOURCE_KEYS)
+        have = ", ".join(f"{k}={group.capacity.get(k, 0)}" for k in RESOURCE_KEYS)
+        raise ApiError(
+            400,
+            ErrorCode.QUOTA_EXCEEDED,
+            f"request ({wanted}) exceeds quota group {group.name!r} capacity ({have})",
+        )
+    return request, output
+
+
+@router.post("", status_code=201)
+def create_task(
+    body: NewTask,
+    user: CurrentUser,
+    session: DB,
+    ctx: Ctx,
+    response: Response,
+    idempotency_key: str | None = Header(default=None, max_length=100),
+) -> dict:
+    """Create a train task. A repeated ``Idempotency-Key`` returns the first task (200)."""
+    if idempotency_key:
+        existing = session.scalar(
+            select(TrainTask).where(
+                TrainTask.owner_id == user.id, TrainTask.idempotency_key == idempotency_key
+            )
+        )
+        if existing is not None:
+            response.status_code = 200
+            return task_json(existing)
+    request, output = _validate(body, user, session, ctx)
+    project = owned_project(session, user, body.project_id)
+    task = TrainTask(
+        owner_id=user.id,
+        project_id=project.id,
+        idempotency_key=idempotency_key,
+        name=body.name or body.entrypoint.split()[-1][:200],
+        description=body.description,
+        algorithm_id=body.algorithm_id,
+        commit=body.commit,
+        entrypoint=body.entrypoint,
+        hyperparams=body.hyperparams,
+        hyperparams_prefix=body.hyperparams_prefix,
+        hyperparams_delimiter=body.hyperparams_delimiter,
+        mounts=body.mounts.model_dump(),
+        output=output,
+        mirror_id=body.mirror_id,
+        quota_group_id=body.quota_group_id,
+        request=request,
+        num_nodes=body.num_nodes,
+        nproc_per_node=body.nproc_per_node,
+        state=TaskState.QUEUED.value,
+    )
+    session.add(task)
+    session.commit()
+    ctx.scheduler.wake()
+    return task_json(task)
+
+
+@router.get("")
+def list_tasks(
+    user: CurrentUser, session: DB, ids: str | None = None, limit: int = 1000
+) -> list[dict]:
+    """The user's tasks, oldest first; ``ids`` is a comma-separated filter."""
+    query = select(TrainTask).where(TrainTask.owner_id == user.id).order_by(TrainTask.created_at)
+    if ids:
+        query = query.where(TrainTask.id.in_(ids.split(",")[:900]))
+    return [task_json(t) for t in session.scalars(query.limit(limit))]
+
+
+@router.get("/{task_id}")
+def get_task(task_id: str, user: CurrentUser, session: DB) -> dict:
+    return task_json(owned_task(session, user, task_id))
+
+
+@router.post("/{task_id}/cancel")
+def cancel_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
+    """Cancel a queued or running task; a terminal task is returned unchanged."""
+    task = owned_task(session, user, task_id)
+    ctx.scheduler.cancel(task.id)
+    session.refresh(task)
+    return task_json(task)
+
+
+@router.get("/{task_id}/logs")
+def task_logs(
+    task_id: str, user: CurrentUser, session: DB, ctx: Ctx, offset: int = 0
+) -> Response:
+    """Log bytes from ``offset``; ``X-Anylearn-Next-Offset`` says where to continue.
+
+    ``X-Anylearn-Task-State`` carries the task's state, read before the bytes: when it is
+    terminal the log is complete once the next offset stops moving.
+    """
+    task = owned_task(session, user, task_id)
+    if offset < 0:
+        raise bad_request(f"offset {offset} is negative")
+    state = task.state
+    path = TaskPaths(ctx.paths.tasks, task).log
+    data = b""
+    if path.exists():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK_BYTES)
+    return Response(
+        content=data,
+        media_type="application/octet-stream",
+        headers={"X-Anylearn-Next-Offset": str(offset + len(data)), "X-Anylearn-Task-State": state},
+    )
+
+
+@router.get("/{task_id}/results")
+def task_results(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> FileResponse:
+    """The task's output folder as an uncompressed tar (members relative to the folder)."""
+    task = owned_task(session, user, task_id)
+    output = TaskPaths(ctx.paths.tasks, task).output
+    if not output.is_dir():
+        raise not_found("results of train task", task_id)
+    fd, name = tempfile.mkstemp(suffix=".tar")
+    with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+        for entry in sorted(output.rglob("*")):
+            if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+                continue
+            tar.add(entry, arcname=str(entry.relative_to(output)), recursive=False)
+    return FileResponse(
+        name,
+        media_type="application/x-tar",
+        filename=f"{task.id}-results.tar",
+        background=BackgroundTask(os.unlink, name),
+    )

@@ -1,0 +1,145 @@
+"""The ASGI application: routers under ``/api/v1``, JSON errors, scheduler lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from anylearn_sdk import __version__
+from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
+from anylearn_sdk.server.context import ApiError, ServerContext, ServerPaths
+from anylearn_sdk.server.db import Mirror, QuotaGroup, make_engine, make_sessionmaker
+from anylearn_sdk.server.executors.local import LocalExecutor
+from anylearn_sdk.server.objects import ObjectStore
+from anylearn_sdk.server.scheduler import Scheduler
+from anylearn_sdk.states import ErrorCode
+
+log = logging.getLogger(__name__)
+API_PREFIX = "/api/v1"
+QUICKSTART_MIRROR = "QUICKSTART"
+DEFAULT_QUOTA_GROUP = "default"
+_STATUS_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHENTICATED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.BAD_REQUEST,
+    409: ErrorCode.CONFLICT,
+}
+
+
+def _error(status: int, code: ErrorCode | str, message: str, request: Request) -> JSONResponse:
+    headers = {}
+    if request.url.path.startswith(f"{API_PREFIX}/uploads"):
+        headers["Tus-Resumable"] = uploads.TUS_VERSION
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="anylearn"'
+    return JSONResponse(
+        {"error": {"code": str(getattr(code, "value", code)), "message": message}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    first = err.errors()[0] if err.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    value = first.get("input")
+    shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
+    return f"{where or 'request'}: {first.get('msg', 'invalid')}{shown}"
+
+
+def ensure_defaults(ctx: ServerContext) -> None:
+    """Create the QUICKSTART mirror and the ``default`` quota group if they are missing."""
+    with ctx.sessions() as session:
+        if session.scalar(select(Mirror).where(Mirror.name == QUICKSTART_MIRROR)) is None:
+            session.add(Mirror(name=QUICKSTART_MIRROR, python=sys.executable))
+        if session.scalar(select(QuotaGroup).where(QuotaGroup.name == DEFAULT_QUOTA_GROUP)) is None:
+            memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+            session.add(
+                QuotaGroup(
+                    name=DEFAULT_QUOTA_GROUP,
+                    capacity={"cpu": float(os.cpu_count() or 1), "memory_mb": memory_mb, "gpu": 0},
+                    default_request={"cpu": 1.0, "memory_mb": 0, "gpu": 0},
+                )
+            )
+        session.commit()
+
+
+def build_context(data_dir: Path, database_url: str | None = None) -> ServerContext:
+    paths = ServerPaths(data_dir)
+    engine = make_engine(database_url or f"sqlite:///{data_dir / 'anylearn-server.db'}")
+    sessions = make_sessionmaker(engine)
+    objects = ObjectStore(paths.objects)
+    scheduler = Scheduler(
+        sessions=sessions,
+        objects=objects,
+        repos_root=paths.repos,
+        tasks_root=paths.tasks,
+        materialized_root=paths.materialized,
+        executor=LocalExecutor(),
+    )
+    ctx = ServerContext(paths=paths, sessions=sessions, objects=objects, scheduler=scheduler)
+    ensure_defaults(ctx)
+    return ctx
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """The FastAPI app for ``ctx``; the scheduler runs for the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        ctx.scheduler.start()
+        try:
+            yield
+        finally:
+            ctx.scheduler.stop()
+
+    app = FastAPI(title="anylearn reference backend", version=__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, ErrorCode.BAD_REQUEST, _validation_message(exc), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+        return _error(exc.status_code, code, str(exc.detail), request)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, ErrorCode.INTERNAL, "internal server error; see the server log", request)
+
+    api = APIRouter(prefix=API_PREFIX)
+
+    @api.get("/health", tags=["health"])
+    def health() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    for module_router in (
+        accounts.router,
+        algorithms.router,
+        resources.make_router("dataset"),
+        resources.make_router("model"),
+        uploads.router,
+        runtime.router,
+        tasks.router,
+    ):
+        api.include_router(module_router)
+    app.include_router(api)
+    return app

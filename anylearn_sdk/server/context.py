@@ -1,0 +1,110 @@
+"""The server's shared state, its error type, and the FastAPI dependencies every router uses."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from anylearn_sdk.server.db import Token, User
+from anylearn_sdk.server.objects import ObjectStore
+from anylearn_sdk.states import ErrorCode
+
+if TYPE_CHECKING:
+    from anylearn_sdk.server.scheduler import Scheduler
+
+
+@dataclass
+class ServerPaths:
+    """The data directory's layout."""
+
+    root: Path
+    objects: Path = field(init=False)
+    repos: Path = field(init=False)
+    uploads: Path = field(init=False)
+    tasks: Path = field(init=False)
+    materialized: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.objects = self.root / "objects"
+        self.repos = self.root / "repos"
+        self.uploads = self.root / "uploads"
+        self.tasks = self.root / "tasks"
+        self.materialized = self.root / "materialized"
+        for p in (self.objects, self.repos, self.uploads, self.tasks, self.materialized):
+            p.mkdir(parents=True, exist_ok=True)
+
+    def repo(self, algorithm_id: str) -> Path:
+        return self.repos / f"{algorithm_id}.git"
+
+
+@dataclass
+class ServerContext:
+    paths: ServerPaths
+    sessions: sessionmaker
+    objects: ObjectStore
+    scheduler: Scheduler
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def not_found(kind: str, resource_id: str) -> ApiError:
+    return ApiError(404, ErrorCode.NOT_FOUND, f"{kind} {resource_id!r} not found")
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, ErrorCode.BAD_REQUEST, message)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def get_context(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def get_session(ctx: Annotated[ServerContext, Depends(get_context)]) -> Iterator[Session]:
+    with ctx.sessions() as session:
+        yield session
+
+
+def current_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
+    """Resolve ``Authorization: Bearer <token>`` to its user, or answer 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, "missing bearer token")
+    row = session.scalar(select(Token).where(Token.token_sha256 == hash_token(token.strip())))
+    if row is None:
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked token")
+    user = session.get(User, row.user_id)
+    if user is None:
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked token")
+    return user
+
+
+def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+    if not user.is_admin:
+        raise ApiError(403, ErrorCode.FORBIDDEN, "this call needs an admin user")
+    return user
+
+
+Ctx = Annotated[ServerContext, Depends(get_context)]
+DB = Annotated[Session, Depends(get_session)]
+CurrentUser = Annotated[User, Depends(current_user)]
+AdminUser = Annotated[User, Depends(admin_user)]

@@ -1,0 +1,196 @@
+"""Metadata storage: SQLAlchemy models over SQLite (default) or any SQLAlchemy URL.
+
+Bytes never live here: object contents, git repositories, uploads and task folders are under
+the data directory (see :mod:`anylearn_sdk.server.storage`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC; SQLite returns naive datetimes, which are UTC here."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def new_id(prefix: str) -> str:
+    """A random id with a readable kind prefix, for example ``task-3f2a9c1b0d4e5f60``."""
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("user"))
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Token(Base):
+    """An API token; only its sha256 is stored, so a leaked database leaks no token."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("proj"))
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Algorithm(Base):
+    __tablename__ = "algorithms"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("alg"))
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Resource(Base):
+    """A dataset or model version: a manifest of content-addressed files."""
+
+    __tablename__ = "resources"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "dataset" | "model"
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    checksum: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    manifest: Mapped[list[Any]] = mapped_column(JSON)
+    file_count: Mapped[int] = mapped_column(Integer)
+    total_bytes: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Upload(Base):
+    """A tus 1.0 upload in progress; the bytes are in ``uploads/<id>``."""
+
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    length: Mapped[int] = mapped_column(Integer)
+    metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON)
+    resource_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id"), nullable=True)
+    completed: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Mirror(Base):
+    """A named runtime environment: the Python interpreter tasks run with."""
+
+    __tablename__ = "mirrors"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mirror"))
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    python: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QuotaGroup(Base):
+    """A capacity pool. ``capacity`` and ``default_request`` map cpu/memory_mb/gpu to amounts."""
+
+    __tablename__ = "quota_groups"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("qg"))
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    capacity: Mapped[dict[str, Any]] = mapped_column(JSON)
+    default_request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrainTask(Base):
+    __tablename__ = "train_tasks"
+    __table_args__ = (UniqueConstraint("owner_id", "idempotency_key"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("task"))
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    algorithm_id: Mapped[str] = mapped_column(ForeignKey("algorithms.id"))
+    commit: Mapped[str] = mapped_column(String(64))
+    entrypoint: Mapped[str] = mapped_column(Text)
+    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON)
+    hyperparams_prefix: Mapped[str] = mapped_column(String(16))
+    hyperparams_delimiter: Mapped[str] = mapped_column(String(16))
+    mounts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output: Mapped[str] = mapped_column(Text)
+    mirror_id: Mapped[str] = mapped_column(ForeignKey("mirrors.id"))
+    quota_group_id: Mapped[str] = mapped_column(ForeignKey("quota_groups.id"))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    num_nodes: Mapped[int] = mapped_column(Integer, default=1)
+    nproc_per_node: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    command: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine; SQLite gets WAL, a busy timeout and foreign keys."""
+    kwargs: dict[str, Any] = {"json_serializer": lambda obj: json.dumps(obj, ensure_ascii=False)}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

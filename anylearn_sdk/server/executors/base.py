@@ -1,0 +1,44 @@
+"""The interface every executor implements (start, poll, cancel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything an executor needs to run one task.
+
+    Attributes:
+        task_id: the task's id.
+        cwd: folder the command runs in (the code checkout).
+        command: a shell command line (``/bin/sh -c``).
+        env: the environment for every process, without the per-rank variables.
+        log_path: file that receives stdout and stderr of every rank.
+        num_nodes: nodes; on the local executor every node is a group of local processes.
+        nproc_per_node: processes per node.
+    """
+
+    task_id: str
+    cwd: Path
+    command: str
+    env: dict[str, str] = field(repr=False)
+    log_path: Path
+    num_nodes: int = 1
+    nproc_per_node: int = 1
+
+
+class Executor(Protocol):
+    def start(self, spec: RunSpec) -> list[int]:
+        """Start the task; returns the pid of every rank's process-group leader."""
+
+    def poll(self, task_id: str) -> int | None:
+        """None while running; otherwise the task's exit code (the first non-zero rank's)."""
+
+    def cancel(self, task_id: str) -> None:
+        """End every process of the task (SIGTERM, then SIGKILL after a grace period)."""
+
+    def shutdown(self) -> None:
+        """Forget running tasks without killing them (the server is stopping)."""

@@ -1,0 +1,119 @@
+"""Content-addressed object store: ``objects/<aa>/<rest of sha256>``, written once, verified.
+
+An object exists in the store only after its bytes were hashed while being written and the
+digest matched the name it was asked to have; the final ``os.replace`` makes that atomic, so
+a crash never leaves a half object under a valid name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from anylearn_sdk.protocol import SHA256_HEX, ManifestEntry
+
+COPY_BLOCK_BYTES = 1024 * 1024
+
+
+class ObjectVerificationError(ValueError):
+    """The bytes offered for an object do not hash to its name, or have the wrong size."""
+
+
+class ObjectStore:
+    """Objects addressed by sha256 under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.tmp = root / ".tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        if not SHA256_HEX.fullmatch(sha256):
+            raise ValueError(f"not a sha256 digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256[2:]
+
+    def has(self, sha256: str) -> bool:
+        return self.path_for(sha256).is_file()
+
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """The digests (deduplicated, sorted) that the store does not hold."""
+        return sorted({d for d in digests if not self.has(d)})
+
+    def ingest(self, stream: BinaryIO, sha256: str, size: int) -> bool:
+        """Store ``size`` bytes read from ``stream`` as object ``sha256``.
+
+        Returns:
+            True if a new object was written, False if it was already present (the stream is
+            still consumed and verified, so a pack's later members stay aligned).
+
+        Raises:
+            ObjectVerificationError: the bytes have another digest or another size.
+        """
+        target = self.path_for(sha256)
+        digest = hashlib.sha256()
+        written = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    block = stream.read(COPY_BLOCK_BYTES)
+                    if not block:
+                        break
+                    digest.update(block)
+                    out.write(block)
+                    written += len(block)
+            if written != size or digest.hexdigest() != sha256:
+                raise ObjectVerificationError(
+                    f"object {sha256} failed verification: got {written} bytes "
+                    f"with sha256 {digest.hexdigest()}"
+                )
+            if target.is_file():
+                return False
+            target.parent.mkdir(exist_ok=True)
+            os.chmod(tmp_name, 0o444)
+            os.replace(tmp_name, target)
+            return True
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+
+    def materialize(self, manifest: Iterable[ManifestEntry], dest: Path) -> None:
+        """Lay out a manifest's files under ``dest`` read-only, hard-linking the stored objects.
+
+        Built in a sibling temporary folder and renamed into place, so ``dest`` either does not
+        exist or is complete. Executable files are copied (mode 0o555) since a hard link
+        shares the object's read-only 0o444 mode. Folders end read-only (0o555).
+        """
+        if dest.exists():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        dirs: set[Path] = {staging}
+        for entry in manifest:
+            target = staging / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            dirs.update(p for p in target.parents if staging in p.parents or p == staging)
+            source = self.path_for(entry.sha256)
+            if entry.mode & 0o111:
+                shutil.copyfile(source, target)
+                os.chmod(target, 0o555)
+                continue
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+                os.chmod(target, 0o444)
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            os.chmod(d, 0o555)
+        os.rename(staging, dest)
+
+
+def make_writable(root: Path) -> None:
+    """Give the owner write permission on every folder under ``root`` so it can be removed."""
+    for dirpath, _dirnames, _files in os.walk(root):
+        os.chmod(dirpath, 0o755)

@@ -1,0 +1,92 @@
+"""Run the backend: bind, bootstrap the admin user, publish the address, serve.
+
+``python -m anylearn_sdk.server --data-dir DIR [--host 127.0.0.1] [--port 0]``. Port 0 picks a
+free port. Once listening, the server writes ``DIR/server.json`` (``{"url", "pid"}``, mode
+0600); on the first start it also writes ``DIR/admin-credentials.json`` (``{"username",
+"password", "token"}``, mode 0600) for local use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy import select
+
+from anylearn_sdk.server.api.accounts import create_user, issue_token
+from anylearn_sdk.server.app import build_context, create_app
+from anylearn_sdk.server.context import ServerContext
+from anylearn_sdk.server.db import User
+
+ADDRESS_FILE = "server.json"
+ADMIN_CREDENTIALS_FILE = "admin-credentials.json"
+ADMIN_USERNAME = "admin"
+
+
+def write_private_json(path: Path, data: dict) -> None:
+    """Write JSON to ``path`` atomically with mode 0600 from the first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def bootstrap_admin(ctx: ServerContext, data_dir: Path) -> None:
+    """On first start, create the admin user and store its credentials for local use."""
+    with ctx.sessions() as session:
+        if session.scalar(select(User).limit(1)) is not None:
+            return
+        password = secrets.token_urlsafe(18)
+        user = create_user(session, ADMIN_USERNAME, password, is_admin=True)
+        token = issue_token(session, user)
+        write_private_json(
+            data_dir / ADMIN_CREDENTIALS_FILE,
+            {"username": ADMIN_USERNAME, "password": password, "token": token},
+        )
+        session.commit()
+
+
+def serve(host: str, port: int, data_dir: Path) -> None:
+    """Bind ``host:port`` (0 = any free port), then serve until SIGINT/SIGTERM."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ctx = build_context(data_dir)
+    bootstrap_admin(ctx, data_dir)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
+    url = f"http://{shown_host}:{bound_port}"
+    address_file = data_dir / ADDRESS_FILE
+    write_private_json(address_file, {"url": url, "pid": os.getpid()})
+    config = uvicorn.Config(create_app(ctx), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        try:
+            if json.loads(address_file.read_text()).get("pid") == os.getpid():
+                address_file.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m anylearn_sdk.server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(args.host, args.port, args.data_dir)

@@ -1,0 +1,251 @@
+"""The scheduler thread: admits QUEUED tasks when their quota group has room, watches RUNNING.
+
+Admission is first-come first-served per quota group: when the oldest queued task of a group
+does not fit, no younger task of that group starts ahead of it. Every state change of a task
+after creation happens here or in :meth:`Scheduler.cancel`, under one lock, so the API and the
+loop never race on a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from anylearn_sdk.protocol import (
+    MOUNT_ENV_VARS,
+    ManifestEntry,
+    format_hyperparams,
+    substitute_placeholders,
+)
+from anylearn_sdk.server import gitrepos
+from anylearn_sdk.server.db import Mirror, QuotaGroup, Resource, TrainTask, utcnow
+from anylearn_sdk.server.executors.base import Executor, RunSpec
+from anylearn_sdk.server.executors.local import kill_stale, write_python_shim
+from anylearn_sdk.server.objects import ObjectStore
+from anylearn_sdk.states import ResourceState, TaskState
+
+log = logging.getLogger(__name__)
+TICK_SECONDS = 0.2
+#: Variables of the server's environment that a task inherits; nothing else leaks (no tokens).
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER")
+RESOURCE_KEYS = ("cpu", "memory_mb", "gpu")
+
+
+def fits(request: dict, allocated: dict, capacity: dict) -> bool:
+    """True if ``request`` fits in ``capacity`` next to what is ``allocated``."""
+    return all(
+        allocated.get(k, 0) + request.get(k, 0) <= capacity.get(k, 0) for k in RESOURCE_KEYS
+    )
+
+
+class TaskPaths:
+    """A task's working directory: ``tasks/<id>/{code,task.log,.anylearn}``."""
+
+    def __init__(self, tasks_root: Path, task: TrainTask):
+        self.root = tasks_root / task.id
+        self.code = self.root / "code"
+        self.log = self.root / "task.log"
+        self.bin = self.root / ".anylearn" / "bin"
+        self.output = self.code / task.output
+
+
+class PrepareError(RuntimeError):
+    """The task cannot start (bad commit, output path taken in the commit, missing data)."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker,
+        objects: ObjectStore,
+        repos_root: Path,
+        tasks_root: Path,
+        materialized_root: Path,
+        executor: Executor,
+    ):
+        self.sessions = sessions
+        self.objects = objects
+        self.repos_root = repos_root
+        self.tasks_root = tasks_root
+        self.materialized_root = materialized_root
+        self.executor = executor
+        self.lock = threading.RLock()
+        self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-bg")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._fail_orphans()
+        self._thread = threading.Thread(target=self._loop, name="anylearn-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.background.shutdown(wait=True)
+        self.executor.shutdown()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive; the error is logged
+                log.exception("scheduler tick failed")
+            self._wake.wait(TICK_SECONDS)
+            self._wake.clear()
+
+    def _fail_orphans(self) -> None:
+        """Tasks RUNNING when the server last stopped cannot be watched: end and fail them."""
+        with self.lock, self.sessions() as session:
+            for task in session.scalars(select(TrainTask).where(TrainTask.state == TaskState.RUNNING)):
+                kill_stale(task.id, task.pids or [])
+                self._finish(session, task, TaskState.FAILED, None, "the server restarted while it ran")
+            session.commit()
+
+    # one pass ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self.lock, self.sessions() as session:
+            allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+            for task in session.scalars(select(TrainTask).where(TrainTask.state == TaskState.RUNNING)):
+                code = self.executor.poll(task.id)
+                if code is None:
+                    for k in RESOURCE_KEYS:
+                        allocated[task.quota_group_id][k] += task.request.get(k, 0)
+                else:
+                    state = TaskState.SUCCEEDED if code == 0 else TaskState.FAILED
+                    self._finish(session, task, state, code, None if code == 0 else f"exit code {code}")
+            session.commit()
+            blocked: set[str] = set()
+            queued = session.scalars(
+                select(TrainTask).where(TrainTask.state == TaskState.QUEUED).order_by(TrainTask.created_at)
+            ).all()
+            for task in queued:
+                group = task.quota_group_id
+                if group in blocked:
+                    continue
+                if not fits(task.request, allocated[group], self._capacity(session, group)):
+                    blocked.add(group)
+                    continue
+                self._launch(session, task)
+                if task.state == TaskState.RUNNING:
+                    for k in RESOURCE_KEYS:
+                        allocated[group][k] += task.request.get(k, 0)
+                session.commit()
+
+    @staticmethod
+    def _capacity(session: Session, group_id: str) -> dict:
+        group = session.get(QuotaGroup, group_id)
+        return group.capacity if group is not None else {}
+
+    def _finish(
+        self, session: Session, task: TrainTask, state: TaskState, code: int | None, error: str | None
+    ) -> None:
+        task.state = state.value
+        task.exit_code = code
+        task.error = error
+        task.finished_at = utcnow()
+        paths = TaskPaths(self.tasks_root, task)
+        if paths.root.exists():
+            with open(paths.log, "a", encoding="utf-8") as f:
+                f.write(f"[anylearn] task {state.value}" + (f": {error}" if error else "") + "\n")
+
+    # starting a task -----------------------------------------------------------------------
+    def _launch(self, session: Session, task: TrainTask) -> None:
+        paths = TaskPaths(self.tasks_root, task)
+        try:
+            spec = self._prepare(session, task, paths)
+        except PrepareError as err:
+            self._finish(session, task, TaskState.FAILED, None, str(err))
+            return
+        task.command = spec.command
+        task.pids = self.executor.start(spec)
+        task.state = TaskState.RUNNING.value
+        task.started_at = utcnow()
+
+    def _mount_path(self, session: Session, kind: str, ref: str) -> Path:
+        if kind == "pretrain":
+            earlier = session.get(TrainTask, ref)
+            if earlier is None:
+                raise PrepareError(f"pretrain task {ref} no longer exists")
+            return TaskPaths(self.tasks_root, earlier).output
+        res = session.get(Resource, ref)
+        if res is None or res.state != ResourceState.READY:
+            raise PrepareError(f"{kind} {ref} is not READY")
+        dest = self.materialized_root / res.id
+        self.objects.materialize((ManifestEntry.from_json(e) for e in res.manifest), dest)
+        return dest
+
+    def _prepare(self, session: Session, task: TrainTask, paths: TaskPaths) -> RunSpec:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        try:
+            gitrepos.checkout(self.repos_root / f"{task.algorithm_id}.git", task.commit, paths.code)
+        except RuntimeError as err:
+            raise PrepareError(str(err)) from err
+        if paths.output.is_symlink() or (paths.output.exists() and any(paths.output.iterdir())):
+            raise PrepareError(f"output {task.output!r} exists in commit {task.commit} and is not empty")
+        paths.output.mkdir(parents=True, exist_ok=True)
+
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        mirror = session.get(Mirror, task.mirror_id)
+        write_python_shim(paths.bin, mirror.python)
+        env["PATH"] = f"{paths.bin}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env.update(PYTHONUNBUFFERED="1", ANYLEARN_TASK_ID=task.id)
+        env[MOUNT_ENV_VARS["output"]] = str(paths.output)
+
+        mount_params: dict[str, str] = {}
+        for kind in ("dataset", "model", "pretrain"):
+            mount = task.mounts.get(kind) or {}
+            ids = mount.get("ids") or []
+            if not ids:
+                continue
+            value = ",".join(str(self._mount_path(session, kind, ref)) for ref in ids)
+            env[MOUNT_ENV_VARS[kind]] = value
+            if mount.get("hyperparam_name"):
+                mount_params[mount["hyperparam_name"]] = value
+
+        hyperparams = {k: substitute_placeholders(str(v), env) for k, v in task.hyperparams.items()}
+        for name, value in mount_params.items():
+            hyperparams.setdefault(name, value)
+        words = format_hyperparams(
+            hyperparams, task.hyperparams_prefix, task.hyperparams_delimiter
+        )
+        command = " ".join([substitute_placeholders(task.entrypoint, env), *words])
+        with open(paths.log, "a", encoding="utf-8") as f:
+            f.write(f"[anylearn] running: {command}\n")
+        return RunSpec(
+            task_id=task.id,
+            cwd=paths.code,
+            command=command,
+            env=env,
+            log_path=paths.log,
+            num_nodes=task.num_nodes,
+            nproc_per_node=task.nproc_per_node,
+        )
+
+    # cancel --------------------------------------------------------------------------------
+    def cancel(self, task_id: str) -> None:
+        """Cancel a task: a QUEUED one never starts; a RUNNING one has every rank ended."""
+        with self.lock, self.sessions() as session:
+            task = session.get(TrainTask, task_id)
+            if task is None or TaskState(task.state).is_terminal:
+                return
+            if task.state == TaskState.RUNNING:
+                self.executor.cancel(task.id)
+            self._finish(session, task, TaskState.CANCELLED, None, "cancelled by the user")
+            session.commit()
+        self.wake()
