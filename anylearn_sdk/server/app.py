@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -88,7 +89,16 @@ def build_context(data_dir: Path, database_url: str | None = None) -> ServerCont
         materialized_root=paths.materialized,
         executor=LocalExecutor(),
     )
-    ctx = ServerContext(paths=paths, sessions=sessions, objects=objects, scheduler=scheduler)
+    id_file = paths.root / "server-id"
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex)
+    ctx = ServerContext(
+        paths=paths,
+        sessions=sessions,
+        objects=objects,
+        scheduler=scheduler,
+        server_id=id_file.read_text().strip(),
+    )
     ensure_defaults(ctx)
     return ctx
 
@@ -129,7 +139,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @api.get("/health", tags=["health"])
     def health() -> dict:
-        return {"status": "ok", "version": __version__}
+        return {"status": "ok", "version": __version__, "server_id": ctx.server_id}
 
     for module_router in (
         accounts.router,

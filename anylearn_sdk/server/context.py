@@ -50,6 +50,7 @@ class ServerContext:
     sessions: sessionmaker
     objects: ObjectStore
     scheduler: Scheduler
+    server_id: str
 
 
 class ApiError(Exception):

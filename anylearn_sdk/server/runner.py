@@ -19,23 +19,14 @@ from pathlib import Path
 import uvicorn
 from sqlalchemy import select
 
+from anylearn_sdk.fileutil import write_private_json
+from anylearn_sdk.local_backend import ADDRESS_FILE, ADMIN_CREDENTIALS_FILE
 from anylearn_sdk.server.api.accounts import create_user, issue_token
 from anylearn_sdk.server.app import build_context, create_app
 from anylearn_sdk.server.context import ServerContext
 from anylearn_sdk.server.db import User
 
-ADDRESS_FILE = "server.json"
-ADMIN_CREDENTIALS_FILE = "admin-credentials.json"
 ADMIN_USERNAME = "admin"
-
-
-def write_private_json(path: Path, data: dict) -> None:
-    """Write JSON to ``path`` atomically with mode 0600 from the first byte."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def bootstrap_admin(ctx: ServerContext, data_dir: Path) -> None:

@@ -1,0 +1,1 @@
+"""HTTP plumbing: the shared session (:mod:`.http`) and the tus upload client (:mod:`.tus`)."""

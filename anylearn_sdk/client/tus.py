@@ -1,0 +1,151 @@
+"""A tus 1.0 client (core, creation, termination) for packs built by :mod:`anylearn_sdk.content.pack`.
+
+Protocol: https://tus.io/protocols/resumable-upload. Each PATCH sends at most
+``UPLOAD_CHUNK_BYTES``. After a connection reset, a timeout, a 409 (offset conflict, tus
+§Core "PATCH") or a 423 (another request still writing), the client asks ``HEAD`` for the
+server's offset and continues from there, so bytes the server acknowledged are never sent
+again. Waits back off exponentially with jitter (tenacity) and start over after each chunk the
+server accepts.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping
+
+import requests
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from anylearn_sdk.client.http import ApiClient, raise_for_status
+from anylearn_sdk.content.pack import PackReader
+from anylearn_sdk.errors import HTTPError, ServerError
+
+TUS_VERSION = "1.0.0"
+UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
+#: Attempts at one chunk before giving up; the count starts over after every accepted chunk.
+CHUNK_ATTEMPTS = 8
+#: (connect, read) seconds for one PATCH.
+PATCH_TIMEOUT = (10.0, 300.0)
+_RETRY_STATUSES = frozenset({409, 423, 408, 429, 500, 502, 503, 504})
+
+
+class _Resync(Exception):
+    """The server's offset must be asked again before the next PATCH."""
+
+
+def encode_metadata(metadata: Mapping[str, str]) -> str:
+    """``Upload-Metadata``: comma-separated ``key base64(value)`` pairs (tus §Creation)."""
+    return ",".join(
+        f"{k} {base64.b64encode(v.encode('utf-8')).decode('ascii')}" for k, v in metadata.items()
+    )
+
+
+class TusClient:
+    def __init__(self, api: ApiClient, endpoint: str = "/uploads"):
+        self.api = api
+        self.endpoint = endpoint
+
+    def create(self, length: int, metadata: Mapping[str, str]) -> str:
+        """Create an upload of ``length`` bytes; returns its URL path."""
+        response = self.api.request(
+            "POST",
+            self.endpoint,
+            headers={
+                "Tus-Resumable": TUS_VERSION,
+                "Upload-Length": str(length),
+                "Upload-Metadata": encode_metadata(metadata),
+            },
+        )
+        return response.headers["Location"]
+
+    def offset(self, url: str) -> int | None:
+        """The server's ``Upload-Offset``, or None if the upload no longer exists."""
+        response = self.api.request(
+            "HEAD", url, headers={"Tus-Resumable": TUS_VERSION}, check=False
+        )
+        if response.status_code == 404:
+            return None
+        raise_for_status(response)
+        return int(response.headers["Upload-Offset"])
+
+    def terminate(self, url: str) -> None:
+        self.api.request("DELETE", url, headers={"Tus-Resumable": TUS_VERSION}, check=False)
+
+    def upload(
+        self,
+        url: str,
+        reader: PackReader,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """Send the pack from the server's current offset to the end.
+
+        Args:
+            url: the upload's URL from :meth:`create`.
+            reader: the pack.
+            on_bytes: called with the number of bytes the server accepted after each chunk,
+                and once up front with the offset the server already had.
+
+        Returns:
+            Bytes the server stored during this call (not counting what it held before).
+
+        Raises:
+            ServerError: a chunk failed ``CHUNK_ATTEMPTS`` times in a row.
+            HTTPError: the server refused the upload (401, 404, 460...).
+        """
+        offset = self.offset(url)
+        if offset is None:
+            raise HTTPError(f"upload {url} no longer exists on the server")
+        if on_bytes is not None and offset:
+            on_bytes(offset)
+        initial = offset
+        state = {"offset": offset, "resync": False}
+
+        def send_one_chunk() -> int:
+            if state["resync"]:
+                fresh = self.offset(url)
+                if fresh is None:
+                    raise HTTPError(f"upload {url} no longer exists on the server")
+                if on_bytes is not None and fresh != state["offset"]:
+                    on_bytes(fresh - state["offset"])
+                state["offset"], state["resync"] = fresh, False
+            start = state["offset"]
+            chunk = reader.read_at(start, UPLOAD_CHUNK_BYTES)
+            try:
+                response = self.api.request(
+                    "PATCH",
+                    url,
+                    data=chunk,
+                    headers={
+                        "Tus-Resumable": TUS_VERSION,
+                        "Upload-Offset": str(start),
+                        "Content-Type": "application/offset+octet-stream",
+                    },
+                    timeout=PATCH_TIMEOUT,
+                    retry=False,
+                    check=False,
+                )
+            except ServerError as err:
+                state["resync"] = True
+                raise _Resync(str(err)) from err
+            if response.status_code in _RETRY_STATUSES:
+                state["resync"] = True
+                raise _Resync(f"HTTP {response.status_code}")
+            raise_for_status(response)
+            new_offset = int(response.headers["Upload-Offset"])
+            state["offset"] = new_offset
+            return new_offset - start
+
+        while state["offset"] < reader.length:
+            retrying = Retrying(
+                stop=stop_after_attempt(CHUNK_ATTEMPTS),
+                wait=wait_exponential_jitter(initial=0.2, max=10.0),
+                retry=retry_if_exception(lambda e: isinstance(e, (_Resync, requests.RequestException))),
+                reraise=True,
+            )
+            try:
+                accepted = retrying(send_one_chunk)
+            except _Resync as err:
+                raise ServerError(f"upload {url} kept failing: {err}") from err
+            if on_bytes is not None:
+                on_bytes(accepted)
+        return reader.length - initial

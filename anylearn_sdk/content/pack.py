@@ -1,0 +1,98 @@
+"""A pack: the missing objects of a manifest as one deterministic, uncompressed tar.
+
+Members are named by their sha256 and hold the file's bytes. The pack is never written to
+disk: :class:`PackReader` computes its exact length up front and produces the bytes at any
+offset from the source files, so a tus upload resumes at the server's offset by seeking.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+
+from anylearn_sdk.errors import InvalidArgumentError
+
+BLOCK = tarfile.BLOCKSIZE  # 512
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+
+
+@dataclass(frozen=True)
+class PackMember:
+    sha256: str
+    size: int
+    source: str
+
+
+def _header(member: PackMember) -> bytes:
+    info = tarfile.TarInfo(member.sha256)
+    info.size = member.size
+    info.mode = 0o444
+    info.mtime = 0
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+class PackReader:
+    """Random access to the bytes of a pack of ``members``.
+
+    Attributes:
+        length: the pack's size in bytes.
+        key: sha256 over the member digests, naming this pack's content (for resume).
+    """
+
+    def __init__(self, members: list[PackMember]):
+        self.members = sorted(members, key=lambda m: m.sha256)
+        self._segments: list[tuple[int, bytes | PackMember, int]] = []  # (start, what, length)
+        offset = 0
+        for m in self.members:
+            header = _header(m)
+            self._segments.append((offset, header, len(header)))
+            offset += len(header)
+            self._segments.append((offset, m, m.size))
+            offset += m.size
+            pad = -m.size % BLOCK
+            if pad:
+                self._segments.append((offset, b"\0" * pad, pad))
+                offset += pad
+        self._segments.append((offset, END_OF_ARCHIVE, len(END_OF_ARCHIVE)))
+        offset += len(END_OF_ARCHIVE)
+        self.length = offset
+        self._starts = [s[0] for s in self._segments]
+        self.key = hashlib.sha256("".join(m.sha256 for m in self.members).encode()).hexdigest()
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes starting at ``offset`` (fewer only at the end of the pack).
+
+        Raises:
+            InvalidArgumentError: a source file changed size since it was hashed.
+        """
+        out = bytearray()
+        index = bisect.bisect_right(self._starts, offset) - 1
+        while size > 0 and 0 <= index < len(self._segments):
+            start, what, length = self._segments[index]
+            skip = offset - start
+            take = min(length - skip, size)
+            if isinstance(what, bytes):
+                out += what[skip : skip + take]
+            else:
+                out += self._read_source(what, skip, take)
+            offset += take
+            size -= take
+            index += 1
+        return bytes(out)
+
+    @staticmethod
+    def _read_source(member: PackMember, skip: int, take: int) -> bytes:
+        with open(member.source, "rb") as f:
+            if os.fstat(f.fileno()).st_size != member.size:
+                raise InvalidArgumentError(
+                    f"file {member.source!r} changed while uploading; submit again"
+                )
+            f.seek(skip)
+            data = f.read(take)
+        if len(data) != take:
+            raise InvalidArgumentError(f"file {member.source!r} changed while uploading")
+        return data

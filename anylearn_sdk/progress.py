@@ -1,0 +1,98 @@
+"""Progress reporting: a callback protocol, a tqdm implementation, and a silent one.
+
+Library users pass their own :class:`ProgressCallback`; by default the SDK shows tqdm bars on
+stderr (one per phase, in bytes, sharing one lock across threads, as huggingface_hub does) and
+one-line messages. ``ANYLEARN_DISABLE_PROGRESS_BARS`` (any value but ``""`` or ``0``) or
+the bars off while keeping the one-line messages on stderr; ``progress=False`` silences both
+(messages then go to the ``anylearn_sdk`` logger only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("anylearn_sdk")
+
+
+class ProgressCallback(Protocol):
+    def phase_start(self, phase: str, total: int | None) -> None:
+        """A phase (``hashing``, ``uploading``...) begins; ``total`` in bytes if known."""
+
+    def advance(self, phase: str, amount: int) -> None:
+        """``amount`` more bytes of ``phase`` are done (called from worker threads too)."""
+
+    def phase_end(self, phase: str) -> None:
+        """The phase is over."""
+
+    def message(self, text: str) -> None:
+        """A one-line human message (what was skipped, what was uploaded)."""
+
+
+class SilentProgress:
+    """Reports nothing but log records."""
+
+    def phase_start(self, phase: str, total: int | None) -> None:
+        pass
+
+    def advance(self, phase: str, amount: int) -> None:
+        pass
+
+    def phase_end(self, phase: str) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        log.info("%s", text)
+
+
+class TqdmProgress:
+    """One tqdm bar per phase on stderr (unless ``bars`` is False); messages above the bars."""
+
+    def __init__(self, bars: bool = True) -> None:
+        self.bars = bars
+        self._bars: dict[str, tqdm] = {}
+        self._lock = threading.RLock()
+        tqdm.set_lock(self._lock)
+
+    def phase_start(self, phase: str, total: int | None) -> None:
+        if not self.bars:
+            return
+        with self._lock:
+            self._bars[phase] = tqdm(
+                total=total, desc=phase, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, leave=True, dynamic_ncols=True,
+            )
+
+    def advance(self, phase: str, amount: int) -> None:
+        with self._lock:
+            bar = self._bars.get(phase)
+            if bar is not None:
+                bar.update(amount)
+
+    def phase_end(self, phase: str) -> None:
+        with self._lock:
+            bar = self._bars.pop(phase, None)
+            if bar is not None:
+                bar.close()
+
+    def message(self, text: str) -> None:
+        log.info("%s", text)
+        tqdm.write(text, file=sys.stderr)
+
+
+def progress_disabled() -> bool:
+    return os.environ.get("ANYLEARN_DISABLE_PROGRESS_BARS", "") not in ("", "0")
+
+
+def resolve_progress(progress: bool | ProgressCallback | None) -> ProgressCallback:
+    """``True``/None → tqdm (bars unless disabled by the environment); ``False`` → silent."""
+    if progress is None or progress is True:
+        return TqdmProgress(bars=not progress_disabled())
+    if progress is False:
+        return SilentProgress()
+    return progress

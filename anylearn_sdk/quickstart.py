@@ -1,0 +1,426 @@
+"""``quick_train``: two local folders to a running remote training task, in one call.
+
+Compatible in spirit with the Anylearn SDK's ``quick_train`` (same parameter names, same
+return value), with its flaws fixed: every argument is checked, and every name and id resolved,
+before anything is created on the server or changed locally; code is pinned to an exact
+commit; data is deduplicated by content and only what the server lacks is uploaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from anylearn_sdk import gitsync
+from anylearn_sdk.client.http import ApiClient
+from anylearn_sdk.config import stored_token
+from anylearn_sdk.content.archive import extract_archive
+from anylearn_sdk.content.manifest import Manifest, build_manifest
+from anylearn_sdk.errors import InvalidArgumentError, NotFoundError
+from anylearn_sdk.progress import ProgressCallback, resolve_progress
+from anylearn_sdk.protocol import check_relative_path
+from anylearn_sdk.resources.algorithm import (
+    Algorithm,
+    algorithm_name_for,
+    find_algorithm,
+    sync_algorithm,
+)
+from anylearn_sdk.resources.dataset import Dataset, await_ready, get_ready, start_sync
+from anylearn_sdk.resources.project import Project, ensure_project, find_project
+from anylearn_sdk.resources.runtime import resolve_mirror, resolve_quota_group
+from anylearn_sdk.resources.train_task import TrainTask
+from anylearn_sdk.session import SdkContext, get_context, server_id_of
+from anylearn_sdk.states import TaskState
+
+log = logging.getLogger(__name__)
+REQUEST_KEYS = ("cpu", "memory_mb", "gpu")
+DEFAULT_QUOTA_GROUP = "default"
+#: Seconds to wait for a dataset or model to become READY before giving up.
+DEFAULT_RESOURCE_TIMEOUT = 3600.0
+HyperValue = str | int | float | bool | None
+
+
+def _as_list(value: str | list[str] | tuple[str, ...] | None, arg: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidArgumentError(f"{arg} must be an id or a list of ids, got {value!r}")
+
+
+def _folder(value: str | Path | None, arg: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise InvalidArgumentError(f"{arg} {str(value)!r} does not exist or is not a folder")
+    return path.resolve()
+
+
+def check_output(output: str, algorithm_dir: Path | None) -> str:
+    """Validate the task's output path against the rules and the local algorithm folder.
+
+    It must be relative, without ``..``, not a symlink (nor below one), and absent or an empty
+    folder in ``algorithm_dir`` (the code is checked out there and the folder becomes the
+    task's results).
+
+    Raises:
+        InvalidArgumentError: naming the value and the rule it breaks.
+    """
+    try:
+        output = check_relative_path(output, what="output")
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from err
+    if algorithm_dir is None:
+        return output
+    current = algorithm_dir
+    for part in output.split("/"):
+        current = current / part
+        if current.is_symlink():
+            raise InvalidArgumentError(
+                f"output {output!r}: {str(current)!r} is a symlink; use a plain folder"
+            )
+    if current.exists() and (not current.is_dir() or any(current.iterdir())):
+        raise InvalidArgumentError(
+            f"output {output!r} already exists in algorithm_dir and is not an empty folder"
+        )
+    return output
+
+
+def _check_hyperparams(hyperparams: Mapping[str, Any] | None) -> dict[str, HyperValue]:
+    if hyperparams is None:
+        return {}
+    if not isinstance(hyperparams, Mapping):
+        raise InvalidArgumentError(f"hyperparams must be a dict, got {type(hyperparams).__name__}")
+    result: dict[str, HyperValue] = {}
+    for key, value in hyperparams.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidArgumentError(f"hyperparams key {key!r} must be a non-empty string")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise InvalidArgumentError(
+                f"hyperparams[{key!r}] = {value!r}: use a str, int, float, bool or None"
+            )
+        result[key] = value
+    return result
+
+
+def _check_request(request: Mapping[str, Any] | None) -> dict[str, float] | None:
+    if request is None:
+        return None
+    unknown = set(request) - set(REQUEST_KEYS)
+    if unknown:
+        raise InvalidArgumentError(
+            f"quota_group_request has unknown keys {sorted(unknown)}; allowed: {list(REQUEST_KEYS)}"
+        )
+    for key, value in request.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise InvalidArgumentError(f"quota_group_request[{key!r}] = {value!r} must be >= 0")
+    return {k: request.get(k, 0) for k in REQUEST_KEYS}
+
+
+def _positive(value: Any, arg: str, *, integer: bool) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        what = "a positive integer" if integer else "a positive number of seconds"
+        raise InvalidArgumentError(f"{arg} must be {what}, got {value!r}")
+
+
+def quick_train(
+    *,
+    algorithm_id: str | None = None,
+    algorithm_name: str | None = None,
+    algorithm_dir: str | Path | None = None,
+    algorithm_force_update: bool = False,
+    algorithm_git_ref: str | None = None,
+    dataset_hyperparam_name: str | None = "dataset",
+    dataset_id: str | list[str] | None = None,
+    dataset_dir: str | Path | None = None,
+    dataset_archive: str | Path | None = None,
+    model_hyperparam_name: str | None = "model",
+    model_id: str | list[str] | None = None,
+    model_dir: str | Path | None = None,
+    pretrain_hyperparam_name: str | None = "pretrain",
+    pretrain_task_id: str | list[str] | None = None,
+    project_id: str | None = None,
+    project_name: str | None = None,
+    entrypoint: str | None = None,
+    output: str = "output",
+    mirror_name: str = "QUICKSTART",
+    resource_polling: float = 5.0,
+    resource_timeout: float = DEFAULT_RESOURCE_TIMEOUT,
+    hyperparams: Mapping[str, HyperValue] | None = None,
+    hyperparams_prefix: str = "--",
+    hyperparams_delimeter: str = " ",
+    quota_group_name: str | None = None,
+    quota_group_request: Mapping[str, float] | None = None,
+    task_name: str | None = None,
+    task_description: str | None = None,
+    num_nodes: int = 1,
+    nproc_per_node: int = 1,
+    progress: bool | ProgressCallback | None = True,
+) -> tuple[TrainTask, Algorithm, list[Dataset], Project]:
+    """Sync code and data, then create a training task on the current backend.
+
+    Code: ``algorithm_dir`` is pinned to a commit (HEAD, ``algorithm_git_ref``, or with
+    ``algorithm_force_update=True`` a snapshot of the working tree) and only that commit is
+    pushed, if the server lacks it. Data: ``dataset_dir`` and ``model_dir`` are hashed (cached
+    by stat), deduplicated by manifest checksum and uploaded only for the files the server
+    lacks, on a worker thread, while this call polls every ``resource_polling`` seconds.
+
+    Mounts reach the code as ``--<hyperparam_name> <path>`` (none when the name is empty or
+    None), as ``ANYLEARN_DATASET_DIR``/``ANYLEARN_MODEL_DIR``/``ANYLEARN_PRETRAIN_DIR``/
+    ``ANYLEARN_OUTPUT_DIR``, and as ``${VAR}`` placeholders in the entrypoint and
+    hyperparameter values. Several ids of one kind are joined with commas.
+
+    Args:
+        algorithm_id: an existing algorithm (push ``algorithm_dir`` into it, or run
+            ``algorithm_git_ref`` already on the server when no folder is given).
+        algorithm_name: name for the algorithm (default: the folder's name).
+        algorithm_dir: the code folder (a git repository, or a plain folder).
+        algorithm_force_update: snapshot uncommitted changes instead of refusing them.
+        algorithm_git_ref: branch, tag or sha to run instead of the working tree.
+        dataset_hyperparam_name / model_hyperparam_name / pretrain_hyperparam_name: the
+            hyperparameter that receives each mount's path.
+        dataset_id / model_id: existing READY versions (an id or a list).
+        dataset_dir / model_dir: local folders to sync.
+        dataset_archive: a local zip or tar file to sync as a dataset (extracted safely).
+        pretrain_task_id: earlier SUCCEEDED tasks whose results are mounted.
+        project_id / project_name: the project (default: the user's default project; a new
+            name is created).
+        entrypoint: the command, for example ``"python train.py"``.
+        output: folder relative to the code root that becomes the task's results.
+        mirror_name: the runtime environment (``QUICKSTART``: the server's own Python).
+        resource_polling: seconds between readiness polls of uploaded data.
+        resource_timeout: seconds to wait for uploaded data to become READY.
+        hyperparams: ``{name: value}``; ``""`` or None makes a bare flag.
+        hyperparams_prefix: ``"--"``, ``"-"``, ``""``, ``"+"``, ``"++"`` (Hydra)...
+        hyperparams_delimeter: between name and value: ``" "`` or ``"="``.
+        quota_group_name: the quota group (default ``"default"``).
+        quota_group_request: ``{"cpu": cores, "memory_mb": MiB, "gpu": count}``.
+        task_name / task_description: labels.
+        num_nodes / nproc_per_node: processes launched with torchrun's environment variables.
+        progress: True for tqdm bars and messages, False for silence, or a callback.
+
+    Returns:
+        ``(train_task, algorithm, datasets, project)``.
+
+    Raises:
+        InvalidArgumentError: a bad argument, unknown name or id (one line naming it).
+        RequiredLocalCommitError: uncommitted changes without ``algorithm_force_update``.
+        AuthenticationError: the token or password was rejected.
+        ResourceError / AnylearnTimeoutError: uploaded data failed or timed out.
+    """
+    # 1. Local checks: nothing touches the network or the disk yet.
+    if not entrypoint or not isinstance(entrypoint, str):
+        raise InvalidArgumentError("entrypoint is required, for example 'python train.py'")
+    alg_dir = _folder(algorithm_dir, "algorithm_dir")
+    data_dir = _folder(dataset_dir, "dataset_dir")
+    mdl_dir = _folder(model_dir, "model_dir")
+    archive = Path(dataset_archive).expanduser() if dataset_archive is not None else None
+    if archive is not None and not archive.is_file():
+        raise InvalidArgumentError(f"dataset_archive {str(dataset_archive)!r} is not a file")
+    if alg_dir is None and (algorithm_id is None or algorithm_git_ref is None):
+        raise InvalidArgumentError(
+            "give algorithm_dir, or algorithm_id with algorithm_git_ref naming a pushed commit"
+        )
+    output = check_output(output, alg_dir)
+    params = _check_hyperparams(hyperparams)
+    request = _check_request(quota_group_request)
+    _positive(num_nodes, "num_nodes", integer=True)
+    _positive(nproc_per_node, "nproc_per_node", integer=True)
+    _positive(resource_polling, "resource_polling", integer=False)
+    _positive(resource_timeout, "resource_timeout", integer=False)
+    dataset_ids = _as_list(dataset_id, "dataset_id")
+    model_ids = _as_list(model_id, "model_id")
+    pretrain_ids = _as_list(pretrain_task_id, "pretrain_task_id")
+    report = resolve_progress(progress)
+
+    # 2. Resolve every name and id on the server (read-only).
+    ctx = get_context()
+    group = resolve_quota_group(ctx, quota_group_name or DEFAULT_QUOTA_GROUP)
+    mirror = resolve_mirror(ctx, mirror_name)
+    found_project, new_project_name = find_project(ctx, project_id, project_name)
+    existing_datasets = [get_ready(ctx, "dataset", i, "dataset_id") for i in dataset_ids]
+    existing_models = [get_ready(ctx, "model", i, "model_id") for i in model_ids]
+    for ref in pretrain_ids:
+        try:
+            earlier = TrainTask(ref, load_detail=True, context=ctx)
+        except NotFoundError as err:
+            raise InvalidArgumentError(f"pretrain_task_id {ref!r} not found") from err
+        if earlier.state != TaskState.SUCCEEDED:
+            raise InvalidArgumentError(
+                f"pretrain_task_id {ref!r} is {earlier.state.value}, not SUCCEEDED"
+            )
+    alg_name = algorithm_name or algorithm_name_for(alg_dir.name if alg_dir else "algorithm")
+    existing_alg = find_algorithm(ctx, algorithm_id, alg_name)
+
+    # 3. Local work that creates nothing remotely: pin the code, hash the data.
+    if alg_dir is not None:
+        snap = gitsync.snapshot(
+            alg_dir,
+            force=algorithm_force_update,
+            git_ref=algorithm_git_ref,
+            scratch_root=ctx.settings.home / "snapshots",
+        )
+    else:
+        snap = None
+    with ExitStack() as scratch:
+        manifests: list[tuple[str, Manifest, str]] = []
+        for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
+            if folder is not None:
+                manifests.append((kind, _hash_folder(ctx, folder, report, cache=True), folder.name))
+        if archive is not None:
+            tmp_root = ctx.settings.home / "tmp"
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            extracted = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=tmp_root)))
+            extract_archive(archive, extracted)
+            name = algorithm_name_for(archive.name.split(".")[0])
+            manifests.append(("dataset", _hash_folder(ctx, extracted, report, cache=False), name))
+        return _submit(
+            ctx, report, snap=snap, manifests=manifests, found_project=found_project,
+            new_project_name=new_project_name, existing_alg=existing_alg, alg_name=alg_name,
+            algorithm_id=algorithm_id, algorithm_git_ref=algorithm_git_ref,
+            existing=(existing_datasets, existing_models), resource_polling=resource_polling,
+            resource_timeout=resource_timeout, body={
+                "name": task_name,
+                "description": task_description or "",
+                "entrypoint": entrypoint,
+                "hyperparams": params,
+                "hyperparams_prefix": hyperparams_prefix,
+                "hyperparams_delimiter": hyperparams_delimeter,
+                "pretrain": {"ids": pretrain_ids, "hyperparam_name": pretrain_hyperparam_name or None},
+                "dataset_hyperparam_name": dataset_hyperparam_name or None,
+                "model_hyperparam_name": model_hyperparam_name or None,
+                "output": output,
+                "mirror_id": mirror.id,
+                "quota_group_id": group.id,
+                "request": request,
+                "num_nodes": num_nodes,
+                "nproc_per_node": nproc_per_node,
+            },
+        )
+
+
+def _submit(
+    ctx: SdkContext,
+    report: ProgressCallback,
+    *,
+    snap: gitsync.Snapshot | None,
+    manifests: list[tuple[str, Manifest, str]],
+    found_project: Project | None,
+    new_project_name: str | None,
+    existing_alg: dict | None,
+    alg_name: str,
+    algorithm_id: str | None,
+    algorithm_git_ref: str | None,
+    existing: tuple[list[Dataset], list[Dataset]],
+    resource_polling: float,
+    resource_timeout: float,
+    body: dict[str, Any],
+) -> tuple[TrainTask, Algorithm, list[Dataset], Project]:
+    """Create on the server what is missing, upload data, then create the task."""
+
+    # 4. Create what is missing on the server.
+    project = ensure_project(ctx, found_project, new_project_name)
+    if snap is not None:
+        algorithm = sync_algorithm(ctx, existing_alg, alg_name, project.id, snap, report)
+    else:
+        if not _commit_on_server(ctx, algorithm_id, algorithm_git_ref):
+            raise InvalidArgumentError(
+                f"algorithm_git_ref {algorithm_git_ref!r} is not a commit of algorithm {algorithm_id}"
+            )
+        algorithm = Algorithm(existing_alg["id"], existing_alg["name"], algorithm_git_ref)
+    synced: dict[str, list[Dataset]] = {"dataset": [], "model": []}
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-upload") as pool:
+        pending = [
+            start_sync(ctx, kind, manifest, name, project.id, pool, report)
+            for kind, manifest, name in manifests
+        ]
+        for item in pending:
+            synced[item.resource.kind].append(
+                await_ready(ctx, item, polling=resource_polling, timeout=resource_timeout,
+                            progress=report)
+            )
+    datasets = existing[0] + synced["dataset"]
+    models = existing[1] + synced["model"]
+    body = dict(body)
+    body["mounts"] = {
+        "dataset": {"ids": [d.id for d in datasets], "hyperparam_name": body.pop("dataset_hyperparam_name")},
+        "model": {"ids": [m.id for m in models], "hyperparam_name": body.pop("model_hyperparam_name")},
+        "pretrain": body.pop("pretrain"),
+    }
+    body.update(
+        name=body["name"] or algorithm.name,
+        project_id=project.id,
+        algorithm_id=algorithm.id,
+        commit=algorithm.commit,
+    )
+    data = ctx.api.post_json("/train-tasks", body, headers={"Idempotency-Key": uuid.uuid4().hex})
+    ctx.store.record_task(ctx.server_id, ctx.settings.host, ctx.settings.username, data)
+    task = TrainTask(data["id"], context=ctx, data=data)
+    report.message(f"task {task.id} created ({task.state.value}) at commit {algorithm.commit[:12]}")
+    return task, algorithm, datasets, project
+
+
+def _hash_folder(ctx: SdkContext, folder: Path, report: ProgressCallback, *, cache: bool) -> Manifest:
+    phase = f"hash {folder.name}"
+    report.phase_start(phase, None)
+    try:
+        store = ctx.store if cache else None
+        return build_manifest(folder, store, lambda n: report.advance(phase, n))
+    finally:
+        report.phase_end(phase)
+
+
+def _commit_on_server(ctx: SdkContext, algorithm_id: str, sha: str) -> bool:
+    response = ctx.api.request("GET", f"/algorithms/{algorithm_id}/commits/{sha}", check=False)
+    return response.status_code == 200
+
+
+def resume_unfinished_local_train_tasks() -> list[TrainTask]:
+    """Refresh every task the local store last saw unfinished, from the server that runs it.
+
+    Tasks of the current backend are refreshed through the current connection; tasks of other
+    backends through the host and token recorded for them, when reachable. The store is
+    updated with each task's state.
+
+    Returns:
+        The refreshed tasks (some may now be terminal), oldest first. Tasks whose server
+        cannot be reached are skipped with a warning in the ``anylearn_sdk`` log.
+    """
+    ctx = get_context()
+    contexts: dict[str, SdkContext | None] = {ctx.server_id: ctx}
+    tasks: list[TrainTask] = []
+    for row in ctx.store.unfinished_tasks():
+        server = row["server"]
+        if server not in contexts:
+            contexts[server] = _context_for(ctx, row["host"], server)
+        task_ctx = contexts[server]
+        if task_ctx is None:
+            log.warning("task %s: its server %s cannot be reached; skipped", row["task_id"], row["host"])
+            continue
+        try:
+            tasks.append(TrainTask(row["task_id"], load_detail=True, context=task_ctx))
+        except NotFoundError:
+            log.warning("task %s no longer exists on %s", row["task_id"], row["host"])
+            ctx.store.update_task_state(server, row["task_id"], TaskState.CANCELLED.value)
+    return tasks
+
+
+def _context_for(current: SdkContext, host: str, server_id: str) -> SdkContext | None:
+    if server_id_of(host) != server_id:
+        return None
+    token, username = stored_token(current.settings.home, host)
+    if token is None:
+        return None
+    settings = replace(current.settings, host=host, token=token, username=username, embedded=False)
+    return SdkContext(settings=settings, api=ApiClient(host, token), server_id=server_id)

@@ -1,0 +1,219 @@
+"""The local store: one SQLite database (``ANYLEARN_HOME/anylearn.db``) through sqlite-utils.
+
+Tables (created by the versioned migrations below, recorded in ``_sqlite_migrations``):
+
+* ``hash_cache``: per-file sha256 keyed by absolute path and validated by (size, mtime_ns,
+  inode), as dvc-data's state does; an entry is trusted only if the file's mtime is older than
+  the moment the entry was written (git's "racy" rule, so a file changed in the same clock
+  tick as its hashing is hashed again).
+* ``remote_resources``: (server, kind, checksum) → remote id of a dataset or model version.
+* ``train_tasks``: every task created, with its server, state and the profile that made it
+  (host URL and username).
+* ``upload_sessions``: the tus URL of an upload in progress, so a new process resumes it.
+
+Every row that names a remote id also names the server it belongs to, by the ``server_id``
+the server reports on ``/health`` (stable across restarts and port changes). Every write is in a
+transaction (``db.atomic()``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from anylearn_sdk.states import TaskState
+
+DB_FILE = "anylearn.db"
+#: Bump when the meaning of a cached hash changes; older rows are then ignored.
+HASH_CACHE_SCHEMA = 1
+#: sqlite's default limit on bound parameters is 999; batches stay below it.
+SQL_BATCH = 900
+
+migrations = Migrations("anylearn_sdk")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["hash_cache"].create(
+        {
+            "path": str,
+            "size": int,
+            "mtime_ns": int,
+            "inode": int,
+            "sha256": str,
+            "cached_at_ns": int,
+            "schema": int,
+        },
+        pk="path",
+    )
+    db["remote_resources"].create(
+        {"server": str, "kind": str, "checksum": str, "resource_id": str, "name": str,
+         "created_at": float},
+        pk=("server", "kind", "checksum"),
+    )
+    db["train_tasks"].create(
+        {"server": str, "task_id": str, "host": str, "username": str, "name": str, "state": str,
+         "algorithm_id": str, "commit": str, "created_at": float, "updated_at": float},
+        pk=("server", "task_id"),
+    )
+    db["upload_sessions"].create(
+        {"server": str, "resource_id": str, "pack_key": str, "upload_url": str, "length": int,
+         "created_at": float},
+        pk=("server", "resource_id"),
+    )
+
+
+@dataclass(frozen=True)
+class CachedHash:
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+    cached_at_ns: int
+
+
+class LocalStore:
+    """Open (creating and migrating if needed) the store under ``home``.
+
+    Safe to share across threads: each thread gets its own SQLite connection.
+    """
+
+    def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = home / DB_FILE
+        self._local = threading.local()
+        with self.db.ensure_autocommit_on():
+            self.db.execute("PRAGMA journal_mode = WAL")
+        migrations.apply(self.db)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite_utils.Database(self.path)
+            db.execute("PRAGMA busy_timeout = 30000")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # hash cache ----------------------------------------------------------------------------
+    def cached_hashes(self, root: Path) -> dict[str, CachedHash]:
+        """Every cache entry for files under ``root`` (absolute), keyed by absolute path."""
+        prefix = str(root).rstrip("/") + "/"
+        rows = self.db.query(
+            "select * from hash_cache where path >= ? and path < ? and schema = ?",
+            [prefix, prefix[:-1] + "0", HASH_CACHE_SCHEMA],
+        )
+        return {
+            r["path"]: CachedHash(r["size"], r["mtime_ns"], r["inode"], r["sha256"], r["cached_at_ns"])
+            for r in rows
+        }
+
+    def save_hashes(self, rows: Iterable[tuple[str, int, int, int, str]]) -> None:
+        """Record ``(path, size, mtime_ns, inode, sha256)`` rows, stamped with the current time."""
+        now = time.time_ns()
+        records = [
+            {"path": p, "size": s, "mtime_ns": m, "inode": i, "sha256": h, "cached_at_ns": now,
+             "schema": HASH_CACHE_SCHEMA}
+            for p, s, m, i, h in rows
+        ]
+        if records:
+            with self.db.atomic():
+                self.db["hash_cache"].upsert_all(records, pk="path", batch_size=SQL_BATCH // 7)
+
+    # remote resources ----------------------------------------------------------------------
+    def remote_resource(self, server: str, kind: str, checksum: str) -> str | None:
+        rows = list(
+            self.db["remote_resources"].rows_where(
+                "server = ? and kind = ? and checksum = ?", [server, kind, checksum]
+            )
+        )
+        return rows[0]["resource_id"] if rows else None
+
+    def remember_resource(self, server: str, kind: str, checksum: str, resource_id: str, name: str):
+        with self.db.atomic():
+            self.db["remote_resources"].upsert(
+                {"server": server, "kind": kind, "checksum": checksum,
+                 "resource_id": resource_id, "name": name, "created_at": time.time()},
+                pk=("server", "kind", "checksum"),
+            )
+
+    def forget_resource(self, server: str, kind: str, checksum: str) -> None:
+        with self.db.atomic():
+            self.db.execute(
+                "delete from remote_resources where server = ? and kind = ? and checksum = ?",
+                [server, kind, checksum],
+            )
+
+    # upload sessions -----------------------------------------------------------------------
+    def upload_session(self, server: str, resource_id: str, pack_key: str) -> str | None:
+        """The tus URL of an unfinished upload of the same pack, if one was journaled."""
+        rows = list(
+            self.db["upload_sessions"].rows_where(
+                "server = ? and resource_id = ? and pack_key = ?", [server, resource_id, pack_key]
+            )
+        )
+        return rows[0]["upload_url"] if rows else None
+
+    def save_upload_session(
+        self, server: str, resource_id: str, pack_key: str, url: str, length: int
+    ) -> None:
+        with self.db.atomic():
+            self.db["upload_sessions"].upsert(
+                {"server": server, "resource_id": resource_id, "pack_key": pack_key,
+                 "upload_url": url, "length": length, "created_at": time.time()},
+                pk=("server", "resource_id"),
+            )
+
+    def drop_upload_session(self, server: str, resource_id: str) -> None:
+        with self.db.atomic():
+            self.db.execute(
+                "delete from upload_sessions where server = ? and resource_id = ?",
+                [server, resource_id],
+            )
+
+    # train tasks ---------------------------------------------------------------------------
+    def record_task(self, server: str, host: str, username: str | None, task: dict) -> None:
+        """Record a task just created on ``server`` (its id), reached at ``host``."""
+        now = time.time()
+        with self.db.atomic():
+            self.db["train_tasks"].upsert(
+                {"server": server, "task_id": task["id"], "host": host, "username": username or "",
+                 "name": task.get("name") or "", "state": task["state"],
+                 "algorithm_id": task.get("algorithm_id") or "", "commit": task.get("commit") or "",
+                 "created_at": now, "updated_at": now},
+                pk=("server", "task_id"),
+            )
+
+    def update_task_state(self, server: str, task_id: str, state: str) -> None:
+        with self.db.atomic():
+            self.db.execute(
+                "update train_tasks set state = ?, updated_at = ? where server = ? and task_id = ?",
+                [state, time.time(), server, task_id],
+            )
+
+    def unfinished_tasks(self) -> list[dict]:
+        """Rows of tasks whose last known state is not terminal, oldest first."""
+        terminal = [s.value for s in TaskState if s.is_terminal]
+        marks = ",".join("?" * len(terminal))
+        return list(
+            self.db.query(
+                f"select * from train_tasks where state not in ({marks}) order by created_at",  # noqa: S608
+                terminal,
+            )
+        )
+
+    def count(self, table: str) -> int:
+        return self.db[table].count
