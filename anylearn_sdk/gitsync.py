@@ -87,13 +87,21 @@ def changed_files(repo: git.Repo) -> list[str]:
     return paths
 
 
-def _write_tree(repo: git.Repo, *, git_dir: Path | None, work_tree: Path, seed_index: Path | None,
-                base: str | None) -> str:
+def _write_tree(
+    repo: git.Repo,
+    *,
+    git_dir: Path | None,
+    work_tree: Path,
+    seed_index: Path | None,
+    base: str | None,
+) -> str:
     """Stage the whole work tree into a temporary index and return the tree's sha."""
     with tempfile.TemporaryDirectory(prefix="anylearn-index-") as tmp:
         index = Path(tmp) / "index"
         if seed_index is not None and seed_index.exists():
-            shutil.copyfile(seed_index, index)  # reuse git's stat cache: unchanged files not re-read
+            shutil.copyfile(
+                seed_index, index
+            )  # reuse git's stat cache: unchanged files not re-read
         env = {"GIT_INDEX_FILE": str(index), "GIT_WORK_TREE": str(work_tree)}
         if git_dir is not None:
             env["GIT_DIR"] = str(git_dir)
@@ -132,13 +140,16 @@ def snapshot(
         GitSyncError: git itself failed.
     """
     if not folder.is_dir():
-        raise InvalidArgumentError(f"algorithm_dir {str(folder)!r} does not exist or is not a folder")
+        raise InvalidArgumentError(
+            f"algorithm_dir {str(folder)!r} does not exist or is not a folder"
+        )
     repo = _open_repo(folder)
     try:
         if repo is None:
             if git_ref:
                 raise InvalidArgumentError(
-                    f"algorithm_git_ref {git_ref!r} given but {str(folder)!r} is not a git repository"
+                    f"algorithm_git_ref {git_ref!r} given but {str(folder)!r} "
+                    "is not a git repository"
                 )
             return _snapshot_plain_folder(folder, scratch_root)
         if git_ref:
@@ -146,7 +157,8 @@ def snapshot(
                 return Snapshot(repo.commit(git_ref).hexsha, Path(repo.git_dir), snapshot=False)
             except (BadName, ValueError, GitCommandError) as err:
                 raise InvalidArgumentError(
-                    f"algorithm_git_ref {git_ref!r} is not a branch, tag or commit of {str(folder)!r}"
+                    f"algorithm_git_ref {git_ref!r} is not a branch, tag or commit "
+                    f"of {str(folder)!r}"
                 ) from err
         head = repo.head.commit.hexsha if repo.head.is_valid() else None
         dirty = changed_files(repo)
@@ -154,15 +166,20 @@ def snapshot(
             return Snapshot(head, Path(repo.git_dir), snapshot=False)
         if not force:
             shown = ", ".join(dirty[:MAX_LISTED_FILES])
-            more = f" and {len(dirty) - MAX_LISTED_FILES} more" if len(dirty) > MAX_LISTED_FILES else ""
+            more = (
+                f" and {len(dirty) - MAX_LISTED_FILES} more"
+                if len(dirty) > MAX_LISTED_FILES
+                else ""
+            )
             what = f"uncommitted changes in {shown}{more}" if dirty else "no commit yet"
             raise RequiredLocalCommitError(
                 f"algorithm_dir {str(folder)!r} has {what}; commit them or pass "
                 "algorithm_force_update=True to snapshot the working tree",
                 dirty,
             )
-        tree = _write_tree(repo, git_dir=None, work_tree=folder, seed_index=Path(repo.index.path),
-                           base=head)
+        tree = _write_tree(
+            repo, git_dir=None, work_tree=folder, seed_index=Path(repo.index.path), base=head
+        )
         if head is not None and repo.commit(head).tree.hexsha == tree:
             return Snapshot(head, Path(repo.git_dir), snapshot=False)
         date = repo.commit(head).committed_datetime.isoformat() if head else EPOCH_DATE
@@ -203,8 +220,14 @@ def push(snap: Snapshot, remote_url: str, token: str) -> None:
             "GIT_DIR": str(snap.git_dir),
         }
     )
-    cmd = ["git", "push", "--no-verify", "--quiet", remote_url,
-           f"{snap.commit}:refs/anylearn/commits/{snap.commit}"]
+    cmd = [
+        "git",
+        "push",
+        "--no-verify",
+        "--quiet",
+        remote_url,
+        f"{snap.commit}:refs/anylearn/commits/{snap.commit}",
+    ]
     try:
         git.Git().execute(cmd, env=env)
     except GitCommandError as err:

@@ -83,7 +83,11 @@ def _start_lock(data_dir: Path):
 
 
 def start(
-    data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, timeout: float = START_TIMEOUT_SECONDS
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = START_TIMEOUT_SECONDS,
 ) -> BackendStatus:
     """Start the backend of ``data_dir`` as a detached process unless it already runs.
 
@@ -107,8 +111,17 @@ def start(
         log_path = data_dir / LOG_FILE
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
-                 "--host", host, "--port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "anylearn_sdk.server",
+                    "--data-dir",
+                    str(data_dir),
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

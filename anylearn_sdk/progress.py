@@ -64,8 +64,14 @@ class TqdmProgress:
             return
         with self._lock:
             self._bars[phase] = tqdm(
-                total=total, desc=phase, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, leave=True, dynamic_ncols=True,
+                total=total,
+                desc=phase,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
             )
 
     def advance(self, phase: str, amount: int) -> None:

@@ -122,7 +122,9 @@ def validate_manifest(entries: Iterable[Mapping]) -> list[ManifestEntry]:
         if entry.size < 0:
             raise ValueError(f"manifest entry {entry.path!r} has negative size {entry.size}")
         if entry.mode not in FILE_MODES:
-            raise ValueError(f"manifest entry {entry.path!r} has mode {entry.mode:o}; use 644 or 755")
+            raise ValueError(
+                f"manifest entry {entry.path!r} has mode {entry.mode:o}; use 644 or 755"
+            )
         if not SHA256_HEX.fullmatch(entry.sha256):
             raise ValueError(f"manifest entry {entry.path!r} has a malformed sha256")
         parsed.append(entry)

@@ -286,18 +286,30 @@ def quick_train(
             name = algorithm_name_for(archive.name.split(".")[0])
             manifests.append(("dataset", _hash_folder(ctx, extracted, report, cache=False), name))
         return _submit(
-            ctx, report, snap=snap, manifests=manifests, found_project=found_project,
-            new_project_name=new_project_name, existing_alg=existing_alg, alg_name=alg_name,
-            algorithm_id=algorithm_id, algorithm_git_ref=algorithm_git_ref,
-            existing=(existing_datasets, existing_models), resource_polling=resource_polling,
-            resource_timeout=resource_timeout, body={
+            ctx,
+            report,
+            snap=snap,
+            manifests=manifests,
+            found_project=found_project,
+            new_project_name=new_project_name,
+            existing_alg=existing_alg,
+            alg_name=alg_name,
+            algorithm_id=algorithm_id,
+            algorithm_git_ref=algorithm_git_ref,
+            existing=(existing_datasets, existing_models),
+            resource_polling=resource_polling,
+            resource_timeout=resource_timeout,
+            body={
                 "name": task_name,
                 "description": task_description or "",
                 "entrypoint": entrypoint,
                 "hyperparams": params,
                 "hyperparams_prefix": hyperparams_prefix,
                 "hyperparams_delimiter": hyperparams_delimeter,
-                "pretrain": {"ids": pretrain_ids, "hyperparam_name": pretrain_hyperparam_name or None},
+                "pretrain": {
+                    "ids": pretrain_ids,
+                    "hyperparam_name": pretrain_hyperparam_name or None,
+                },
                 "dataset_hyperparam_name": dataset_hyperparam_name or None,
                 "model_hyperparam_name": model_hyperparam_name or None,
                 "output": output,
@@ -336,7 +348,8 @@ def _submit(
     else:
         if not _commit_on_server(ctx, algorithm_id, algorithm_git_ref):
             raise InvalidArgumentError(
-                f"algorithm_git_ref {algorithm_git_ref!r} is not a commit of algorithm {algorithm_id}"
+                f"algorithm_git_ref {algorithm_git_ref!r} is not a commit "
+                f"of algorithm {algorithm_id}"
             )
         algorithm = Algorithm(existing_alg["id"], existing_alg["name"], algorithm_git_ref)
     synced: dict[str, list[Dataset]] = {"dataset": [], "model": []}
@@ -347,15 +360,22 @@ def _submit(
         ]
         for item in pending:
             synced[item.resource.kind].append(
-                await_ready(ctx, item, polling=resource_polling, timeout=resource_timeout,
-                            progress=report)
+                await_ready(
+                    ctx, item, polling=resource_polling, timeout=resource_timeout, progress=report
+                )
             )
     datasets = existing[0] + synced["dataset"]
     models = existing[1] + synced["model"]
     body = dict(body)
     body["mounts"] = {
-        "dataset": {"ids": [d.id for d in datasets], "hyperparam_name": body.pop("dataset_hyperparam_name")},
-        "model": {"ids": [m.id for m in models], "hyperparam_name": body.pop("model_hyperparam_name")},
+        "dataset": {
+            "ids": [d.id for d in datasets],
+            "hyperparam_name": body.pop("dataset_hyperparam_name"),
+        },
+        "model": {
+            "ids": [m.id for m in models],
+            "hyperparam_name": body.pop("model_hyperparam_name"),
+        },
         "pretrain": body.pop("pretrain"),
     }
     body.update(
@@ -371,7 +391,9 @@ def _submit(
     return task, algorithm, datasets, project
 
 
-def _hash_folder(ctx: SdkContext, folder: Path, report: ProgressCallback, *, cache: bool) -> Manifest:
+def _hash_folder(
+    ctx: SdkContext, folder: Path, report: ProgressCallback, *, cache: bool
+) -> Manifest:
     phase = f"hash {folder.name}"
     report.phase_start(phase, None)
     try:
@@ -406,7 +428,9 @@ def resume_unfinished_local_train_tasks() -> list[TrainTask]:
             contexts[server] = _context_for(ctx, row["host"], server)
         task_ctx = contexts[server]
         if task_ctx is None:
-            log.warning("task %s: its server %s cannot be reached; skipped", row["task_id"], row["host"])
+            log.warning(
+                "task %s: its server %s cannot be reached; skipped", row["task_id"], row["host"]
+            )
             continue
         try:
             tasks.append(TrainTask(row["task_id"], load_detail=True, context=task_ctx))

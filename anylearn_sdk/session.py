@@ -157,6 +157,8 @@ def reset() -> None:
 def server_id_of(host: str) -> str | None:
     """The ``server_id`` a backend reports on ``/health``, or None if it cannot be reached."""
     try:
-        return ApiClient(host, None).get_json("/health", retry=False, timeout=(3.0, 5.0))["server_id"]
+        return ApiClient(host, None).get_json("/health", retry=False, timeout=(3.0, 5.0))[
+            "server_id"
+        ]
     except (AnylearnError, KeyError, ValueError):
         return None

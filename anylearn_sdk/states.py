@@ -11,7 +11,7 @@ from enum import Enum
 
 
 class TaskState(str, Enum):
-    """Lifecycle of a train task: ``CREATED → QUEUED → RUNNING → SUCCEEDED | FAILED | CANCELLED``."""
+    """A train task: ``CREATED → QUEUED → RUNNING → SUCCEEDED | FAILED | CANCELLED``."""
 
     CREATED = "CREATED"
     QUEUED = "QUEUED"
@@ -30,7 +30,7 @@ TERMINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskSta
 
 
 class ResourceState(str, Enum):
-    """Lifecycle of a dataset or model version: ``CREATED → UPLOADING → READY``, or ERROR, or DELETED.
+    """A dataset or model version: ``CREATED → UPLOADING → READY``, or ERROR, or DELETED.
 
     A version is READY only once the server has verified the sha256 of every file it holds.
     """
@@ -48,7 +48,7 @@ class ResourceState(str, Enum):
 
 
 class ErrorCode(str, Enum):
-    """Machine-readable ``error.code`` values of the HTTP API (``{"error": {"code", "message"}}``)."""
+    """Machine-readable ``error.code`` of the HTTP API (``{"error": {"code", "message"}}``)."""
 
     BAD_REQUEST = "bad_request"
     UNAUTHENTICATED = "unauthenticated"

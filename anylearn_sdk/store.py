@@ -53,18 +53,40 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="path",
     )
     db["remote_resources"].create(
-        {"server": str, "kind": str, "checksum": str, "resource_id": str, "name": str,
-         "created_at": float},
+        {
+            "server": str,
+            "kind": str,
+            "checksum": str,
+            "resource_id": str,
+            "name": str,
+            "created_at": float,
+        },
         pk=("server", "kind", "checksum"),
     )
     db["train_tasks"].create(
-        {"server": str, "task_id": str, "host": str, "username": str, "name": str, "state": str,
-         "algorithm_id": str, "commit": str, "created_at": float, "updated_at": float},
+        {
+            "server": str,
+            "task_id": str,
+            "host": str,
+            "username": str,
+            "name": str,
+            "state": str,
+            "algorithm_id": str,
+            "commit": str,
+            "created_at": float,
+            "updated_at": float,
+        },
         pk=("server", "task_id"),
     )
     db["upload_sessions"].create(
-        {"server": str, "resource_id": str, "pack_key": str, "upload_url": str, "length": int,
-         "created_at": float},
+        {
+            "server": str,
+            "resource_id": str,
+            "pack_key": str,
+            "upload_url": str,
+            "length": int,
+            "created_at": float,
+        },
         pk=("server", "resource_id"),
     )
 
@@ -117,7 +139,9 @@ class LocalStore:
             [prefix, prefix[:-1] + "0", HASH_CACHE_SCHEMA],
         )
         return {
-            r["path"]: CachedHash(r["size"], r["mtime_ns"], r["inode"], r["sha256"], r["cached_at_ns"])
+            r["path"]: CachedHash(
+                r["size"], r["mtime_ns"], r["inode"], r["sha256"], r["cached_at_ns"]
+            )
             for r in rows
         }
 
@@ -125,8 +149,15 @@ class LocalStore:
         """Record ``(path, size, mtime_ns, inode, sha256)`` rows, stamped with the current time."""
         now = time.time_ns()
         records = [
-            {"path": p, "size": s, "mtime_ns": m, "inode": i, "sha256": h, "cached_at_ns": now,
-             "schema": HASH_CACHE_SCHEMA}
+            {
+                "path": p,
+                "size": s,
+                "mtime_ns": m,
+                "inode": i,
+                "sha256": h,
+                "cached_at_ns": now,
+                "schema": HASH_CACHE_SCHEMA,
+            }
             for p, s, m, i, h in rows
         ]
         if records:
@@ -145,8 +176,14 @@ class LocalStore:
     def remember_resource(self, server: str, kind: str, checksum: str, resource_id: str, name: str):
         with self.db.atomic():
             self.db["remote_resources"].upsert(
-                {"server": server, "kind": kind, "checksum": checksum,
-                 "resource_id": resource_id, "name": name, "created_at": time.time()},
+                {
+                    "server": server,
+                    "kind": kind,
+                    "checksum": checksum,
+                    "resource_id": resource_id,
+                    "name": name,
+                    "created_at": time.time(),
+                },
                 pk=("server", "kind", "checksum"),
             )
 
@@ -172,8 +209,14 @@ class LocalStore:
     ) -> None:
         with self.db.atomic():
             self.db["upload_sessions"].upsert(
-                {"server": server, "resource_id": resource_id, "pack_key": pack_key,
-                 "upload_url": url, "length": length, "created_at": time.time()},
+                {
+                    "server": server,
+                    "resource_id": resource_id,
+                    "pack_key": pack_key,
+                    "upload_url": url,
+                    "length": length,
+                    "created_at": time.time(),
+                },
                 pk=("server", "resource_id"),
             )
 
@@ -190,10 +233,18 @@ class LocalStore:
         now = time.time()
         with self.db.atomic():
             self.db["train_tasks"].upsert(
-                {"server": server, "task_id": task["id"], "host": host, "username": username or "",
-                 "name": task.get("name") or "", "state": task["state"],
-                 "algorithm_id": task.get("algorithm_id") or "", "commit": task.get("commit") or "",
-                 "created_at": now, "updated_at": now},
+                {
+                    "server": server,
+                    "task_id": task["id"],
+                    "host": host,
+                    "username": username or "",
+                    "name": task.get("name") or "",
+                    "state": task["state"],
+                    "algorithm_id": task.get("algorithm_id") or "",
+                    "commit": task.get("commit") or "",
+                    "created_at": now,
+                    "updated_at": now,
+                },
                 pk=("server", "task_id"),
             )
 

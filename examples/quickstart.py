@@ -25,9 +25,11 @@ def main() -> int:
         hyperparams={"epochs": 300, "lr": 0.5},
         resource_polling=1.0,
     )
-    print(f"task {task.id}: algorithm {algorithm.name}@{algorithm.commit[:12]}, "
-          f"dataset {datasets[0].id} (uploaded {datasets[0].uploaded_bytes} bytes), "
-          f"project {project.name}")
+    print(
+        f"task {task.id}: algorithm {algorithm.name}@{algorithm.commit[:12]}, "
+        f"dataset {datasets[0].id} (uploaded {datasets[0].uploaded_bytes} bytes), "
+        f"project {project.name}"
+    )
     for text in task.stream_logs():
         print(text, end="")
     state = task.wait(timeout=600, poll_interval=1.0)

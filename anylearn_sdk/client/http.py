@@ -94,7 +94,7 @@ class _Wait:
     """Exponential backoff with jitter, unless the server asked for a ``Retry-After``."""
 
     def __init__(self) -> None:
-        self._backoff = wait_exponential_jitter(initial=0.5, max=10.0)
+        self._backoff = wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5)
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

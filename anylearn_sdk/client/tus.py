@@ -1,4 +1,4 @@
-"""A tus 1.0 client (core, creation, termination) for packs built by :mod:`anylearn_sdk.content.pack`.
+"""A tus 1.0 client (core, creation, termination) for the packs of :mod:`..content.pack`.
 
 Protocol: https://tus.io/protocols/resumable-upload. Each PATCH sends at most
 ``UPLOAD_CHUNK_BYTES``. After a connection reset, a timeout, a 409 (offset conflict, tus
@@ -138,8 +138,10 @@ class TusClient:
         while state["offset"] < reader.length:
             retrying = Retrying(
                 stop=stop_after_attempt(CHUNK_ATTEMPTS),
-                wait=wait_exponential_jitter(initial=0.2, max=10.0),
-                retry=retry_if_exception(lambda e: isinstance(e, (_Resync, requests.RequestException))),
+                wait=wait_exponential_jitter(multiplier=0.2, max=10.0, jitter=0.2),
+                retry=retry_if_exception(
+                    lambda e: isinstance(e, (_Resync, requests.RequestException))
+                ),
                 reraise=True,
             )
             try:

@@ -1,1 +1,1 @@
-"""Content addressing: manifests of folders (:mod:`.manifest`) and packs of objects (:mod:`.pack`)."""
+"""Content addressing: folder manifests (:mod:`.manifest`), packs of objects (:mod:`.pack`)."""

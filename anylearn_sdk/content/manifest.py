@@ -85,7 +85,9 @@ def scan(root: Path) -> list[ScannedFile]:
                     continue  # a dangling symlink
                 if stat.S_ISREG(st.st_mode):
                     found.append(
-                        ScannedFile(rel, entry.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+                        ScannedFile(
+                            rel, entry.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode
+                        )
                     )
     found.sort(key=lambda f: f.relpath)
     return found

@@ -58,8 +58,13 @@ class Dataset:
     @classmethod
     def from_json(cls, data: dict, uploaded_bytes: int = 0):
         return cls(
-            data["id"], data["name"], data["checksum"], ResourceState(data["state"]),
-            data.get("file_count", 0), data.get("total_bytes", 0), uploaded_bytes,
+            data["id"],
+            data["name"],
+            data["checksum"],
+            ResourceState(data["state"]),
+            data.get("file_count", 0),
+            data.get("total_bytes", 0),
+            uploaded_bytes,
         )
 
 
@@ -208,7 +213,9 @@ def await_ready(
         if state == ResourceState.READY:
             ctx.store.drop_upload_session(ctx.server_id, res.id)
             if pending.future is not None:
-                progress.message(f"{res.kind} {res.name!r}: {res.id} READY, uploaded {uploaded} bytes")
+                progress.message(
+                    f"{res.kind} {res.name!r}: {res.id} READY, uploaded {uploaded} bytes"
+                )
             return replace(class_for(res.kind).from_json(data), uploaded_bytes=uploaded)
         if state in (ResourceState.ERROR, ResourceState.DELETED):
             ctx.store.drop_upload_session(ctx.server_id, res.id)

@@ -40,9 +40,7 @@ RESOURCE_KEYS = ("cpu", "memory_mb", "gpu")
 
 def fits(request: dict, allocated: dict, capacity: dict) -> bool:
     """True if ``request`` fits in ``capacity`` next to what is ``allocated``."""
-    return all(
-        allocated.get(k, 0) + request.get(k, 0) <= capacity.get(k, 0) for k in RESOURCE_KEYS
-    )
+    return all(allocated.get(k, 0) + request.get(k, 0) <= capacity.get(k, 0) for k in RESOURCE_KEYS)
 
 
 class TaskPaths:
@@ -112,27 +110,37 @@ class Scheduler:
     def _fail_orphans(self) -> None:
         """Tasks RUNNING when the server last stopped cannot be watched: end and fail them."""
         with self.lock, self.sessions() as session:
-            for task in session.scalars(select(TrainTask).where(TrainTask.state == TaskState.RUNNING)):
+            for task in session.scalars(
+                select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
+            ):
                 kill_stale(task.id, task.pids or [])
-                self._finish(session, task, TaskState.FAILED, None, "the server restarted while it ran")
+                self._finish(
+                    session, task, TaskState.FAILED, None, "the server restarted while it ran"
+                )
             session.commit()
 
     # one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
         with self.lock, self.sessions() as session:
             allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-            for task in session.scalars(select(TrainTask).where(TrainTask.state == TaskState.RUNNING)):
+            for task in session.scalars(
+                select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
+            ):
                 code = self.executor.poll(task.id)
                 if code is None:
                     for k in RESOURCE_KEYS:
                         allocated[task.quota_group_id][k] += task.request.get(k, 0)
                 else:
                     state = TaskState.SUCCEEDED if code == 0 else TaskState.FAILED
-                    self._finish(session, task, state, code, None if code == 0 else f"exit code {code}")
+                    self._finish(
+                        session, task, state, code, None if code == 0 else f"exit code {code}"
+                    )
             session.commit()
             blocked: set[str] = set()
             queued = session.scalars(
-                select(TrainTask).where(TrainTask.state == TaskState.QUEUED).order_by(TrainTask.created_at)
+                select(TrainTask)
+                .where(TrainTask.state == TaskState.QUEUED)
+                .order_by(TrainTask.created_at)
             ).all()
             for task in queued:
                 group = task.quota_group_id
@@ -153,7 +161,12 @@ class Scheduler:
         return group.capacity if group is not None else {}
 
     def _finish(
-        self, session: Session, task: TrainTask, state: TaskState, code: int | None, error: str | None
+        self,
+        session: Session,
+        task: TrainTask,
+        state: TaskState,
+        code: int | None,
+        error: str | None,
     ) -> None:
         task.state = state.value
         task.exit_code = code
@@ -197,7 +210,9 @@ class Scheduler:
         except RuntimeError as err:
             raise PrepareError(str(err)) from err
         if paths.output.is_symlink() or (paths.output.exists() and any(paths.output.iterdir())):
-            raise PrepareError(f"output {task.output!r} exists in commit {task.commit} and is not empty")
+            raise PrepareError(
+                f"output {task.output!r} exists in commit {task.commit} and is not empty"
+            )
         paths.output.mkdir(parents=True, exist_ok=True)
 
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
@@ -221,9 +236,7 @@ class Scheduler:
         hyperparams = {k: substitute_placeholders(str(v), env) for k, v in task.hyperparams.items()}
         for name, value in mount_params.items():
             hyperparams.setdefault(name, value)
-        words = format_hyperparams(
-            hyperparams, task.hyperparams_prefix, task.hyperparams_delimiter
-        )
+        words = format_hyperparams(hyperparams, task.hyperparams_prefix, task.hyperparams_delimiter)
         command = " ".join([substitute_placeholders(task.entrypoint, env), *words])
         with open(paths.log, "a", encoding="utf-8") as f:
             f.write(f"[anylearn] running: {command}\n")

@@ -39,13 +39,13 @@ def train(rows, epochs: int, lr: float):
     for epoch in range(1, epochs + 1):
         grad_w, grad_b, loss = [0.0] * n_features, 0.0, 0.0
         for x, y in rows:
-            p = sigmoid(sum(w * v for w, v in zip(weights, x)) + bias)
+            p = sigmoid(sum(w * v for w, v in zip(weights, x, strict=True)) + bias)
             loss -= y * math.log(max(p, 1e-12)) + (1 - y) * math.log(max(1 - p, 1e-12))
             for i, v in enumerate(x):
                 grad_w[i] += (p - y) * v
             grad_b += p - y
         n = len(rows)
-        weights = [w - lr * g / n for w, g in zip(weights, grad_w)]
+        weights = [w - lr * g / n for w, g in zip(weights, grad_w, strict=True)]
         bias -= lr * grad_b / n
         if epoch % max(1, epochs // 5) == 0:
             print(f"epoch {epoch:4d}  loss {loss / n:.4f}", flush=True)
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"training on {len(rows)} rows from {args.dataset}", flush=True)
     weights, bias, loss = train(rows, args.epochs, args.lr)
     correct = sum(
-        (sigmoid(sum(w * v for w, v in zip(weights, x)) + bias) >= 0.5) == (y == 1.0)
+        (sigmoid(sum(w * v for w, v in zip(weights, x, strict=True)) + bias) >= 0.5) == (y == 1.0)
         for x, y in rows
     )
     metrics = {"loss": round(loss, 6), "accuracy": correct / len(rows), "rows": len(rows)}
@@ -73,7 +73,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.json").write_text(json.dumps({"weights": weights, "bias": bias}, indent=2))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"accuracy {metrics['accuracy']:.3f}; wrote {out}/model.json and metrics.json", flush=True)
+    print(
+        f"accuracy {metrics['accuracy']:.3f}; wrote {out}/model.json and metrics.json", flush=True
+    )
 
 
 if __name__ == "__main__":

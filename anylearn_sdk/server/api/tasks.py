@@ -205,9 +205,7 @@ def cancel_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
 
 
 @router.get("/{task_id}/logs")
-def task_logs(
-    task_id: str, user: CurrentUser, session: DB, ctx: Ctx, offset: int = 0
-) -> Response:
+def task_logs(task_id: str, user: CurrentUser, session: DB, ctx: Ctx, offset: int = 0) -> Response:
     """Log bytes from ``offset``; ``X-Anylearn-Next-Offset`` says where to continue.
 
     ``X-Anylearn-Task-State`` carries the task's state, read before the bytes: when it is

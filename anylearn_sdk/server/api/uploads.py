@@ -111,7 +111,9 @@ def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) ->
     if res is None or res.owner_id != user.id or res.state == ResourceState.DELETED:
         raise not_found("resource", resource_id)
     if res.state != ResourceState.UPLOADING:
-        raise ApiError(409, ErrorCode.CONFLICT, f"{res.kind} {res.id} is {res.state}, not UPLOADING")
+        raise ApiError(
+            409, ErrorCode.CONFLICT, f"{res.kind} {res.id} is {res.state}, not UPLOADING"
+        )
     upload = Upload(
         id=secrets.token_hex(16),
         owner_id=user.id,

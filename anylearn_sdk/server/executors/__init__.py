@@ -1,1 +1,1 @@
-"""Executors run a prepared task: :class:`~.base.Executor` is the interface, ``local`` the default."""
+"""Executors run prepared tasks: :class:`~.base.Executor` is the interface, `local` the default."""

@@ -1,0 +1,59 @@
+"""``anylearn server start|stop|status``: the local backend the SDK also uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from anylearn_sdk import local_backend
+from anylearn_sdk.config import anylearn_home
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    return data_dir.resolve() if data_dir else local_backend.data_dir_for(anylearn_home())
+
+
+@click.group()
+def server() -> None:
+    """Manage the local backend (data under ANYLEARN_HOME/server by default)."""
+
+
+@server.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=0, show_default=True, help="Port; 0 picks a free one.")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), help="Where the backend keeps its data."
+)
+@click.option("--detach", is_flag=True, help="Run in the background and return once it answers.")
+def start(host: str, port: int, data_dir: Path | None, detach: bool) -> None:
+    """Start the backend (in the foreground unless --detach)."""
+    folder = _data_dir(data_dir)
+    if detach:
+        status = local_backend.start(folder, host=host, port=port)
+        click.echo(f"backend running at {status.url} (pid {status.pid}, data {folder})")
+        return
+    from anylearn_sdk.server.runner import serve
+
+    click.echo(f"starting backend (data {folder}); Ctrl-C stops it")
+    serve(host, port, folder)
+
+
+@server.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="The backend's data folder.")
+def stop(data_dir: Path | None) -> None:
+    """Stop the backend."""
+    folder = _data_dir(data_dir)
+    click.echo("stopped" if local_backend.stop(folder) else "not running")
+
+
+@server.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="The backend's data folder.")
+def status(data_dir: Path | None) -> None:
+    """Show whether the backend runs, and where."""
+    st = local_backend.status(_data_dir(data_dir))
+    if st.running:
+        click.echo(f"running at {st.url} (pid {st.pid}, data {st.data_dir})")
+    else:
+        click.echo(f"not running (data {st.data_dir})")
+        raise SystemExit(3)

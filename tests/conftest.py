@@ -1,0 +1,192 @@
+"""Fixtures: an isolated HOME per test, a real backend process, a fresh user per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from anylearn_sdk import session as sdk_session
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Every test gets its own HOME and ANYLEARN_HOME and no inherited anylearn settings."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("ANYLEARN_HOME", str(home / ".anylearn"))
+    monkeypatch.setenv("ANYLEARN_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for name in ("ANYLEARN_HOST", "ANYLEARN_TOKEN", "GIT_CONFIG_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for key, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(key, value)
+    sdk_session.reset()
+    yield home
+    sdk_session.reset()
+
+
+@dataclass
+class Backend:
+    url: str
+    data_dir: Path
+    admin_token: str
+    proc: subprocess.Popen
+
+    def admin(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        return requests.request(
+            method, f"{self.url}/api/v1{path}", headers=headers, timeout=30, **kwargs
+        )
+
+
+def start_backend(data_dir: Path) -> Backend:
+    with open(data_dir.parent / f"{data_dir.name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "anylearn_sdk.server",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                "0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    address = data_dir / "server.json"
+    while time.monotonic() < deadline:
+        if address.exists():
+            info = json.loads(address.read_text())
+            if info["pid"] == proc.pid:
+                creds = json.loads((data_dir / "admin-credentials.json").read_text())
+                return Backend(info["url"], data_dir, creds["token"], proc)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop_backend(backend: Backend) -> None:
+    backend.proc.send_signal(signal.SIGTERM)
+    try:
+        backend.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        backend.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory):
+    """The real backend process on a random loopback port, for the whole session."""
+    data_dir = tmp_path_factory.mktemp("backend") / "data"
+    server = start_backend(data_dir)
+    yield server
+    stop_backend(server)
+
+
+@dataclass
+class User:
+    username: str
+    password: str
+    token: str
+    backend: Backend
+
+    def get(self, path: str, **kwargs):
+        headers = {"Authorization": f"Bearer {self.token}"}
+        response = requests.get(
+            f"{self.backend.url}/api/v1{path}", headers=headers, timeout=30, **kwargs
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+@pytest.fixture
+def user(backend):
+    """A fresh user on the backend, with the SDK connected as that user."""
+    username = f"u{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    backend.admin(
+        "POST", "/users", json={"username": username, "password": password}
+    ).raise_for_status()
+    token = requests.post(
+        f"{backend.url}/api/v1/auth/login",
+        json={"username": username, "password": password},
+        timeout=30,
+    ).json()["token"]
+    sdk_session.init_sdk(backend.url, token=token)
+    return User(username, password, token, backend)
+
+
+@pytest.fixture
+def quota_group(backend):
+    """A new quota group of ample capacity, so long tasks of one test never block another's."""
+    name = f"g{uuid.uuid4().hex[:10]}"
+    backend.admin(
+        "POST",
+        "/quota-groups",
+        json={"name": name, "capacity": {"cpu": 64, "memory_mb": 0, "gpu": 0}},
+    ).raise_for_status()
+    return name
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def algorithm_repo(tmp_path) -> Path:
+    """A git repository holding the test training script, committed."""
+    repo = tmp_path / "algo"
+    repo.mkdir()
+    (repo / "train.py").write_text((FIXTURES / "train.py").read_text())
+    (repo / ".gitignore").write_text("ignored/\n")
+    git("init", "-q", "-b", "main", cwd=repo)
+    git("add", ".", cwd=repo)
+    git("commit", "-qm", "initial", cwd=repo)
+    return repo
+
+
+@pytest.fixture
+def dataset_dir(tmp_path) -> Path:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("alpha\n")
+    (data / "sub" / "b.bin").write_bytes(os.urandom(70_000))
+    return data
+
+
+def repo_state(repo: Path) -> dict:
+    """What must not change in the user's repository: HEAD, branch, index, config, status."""
+    git_dir = repo / ".git"
+    return {
+        "head": git("rev-parse", "HEAD", cwd=repo),
+        "branch": git("symbolic-ref", "HEAD", cwd=repo),
+        "index": (git_dir / "index").read_bytes(),
+        "config": (git_dir / "config").read_bytes(),
+        "status": git("status", "--porcelain", cwd=repo),
+        "refs": git("for-each-ref", cwd=repo),
+    }

@@ -1,0 +1,75 @@
+"""The CLI through click's CliRunner, against the real backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from anylearn_sdk import TaskState, quick_train
+from anylearn_sdk.cli.main import cli
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+def test_every_command_has_help():
+    for path, command in all_commands(cli):
+        assert command.help, f"anylearn {' '.join(path)} has no help text"
+        result = CliRunner().invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, path
+
+
+@pytest.mark.integration
+def test_login_saves_a_private_token(backend, user, isolated_env, monkeypatch):
+    result = CliRunner().invoke(
+        cli,
+        ["login", "--host", backend.url, "--username", user.username, "--password", user.password],
+    )
+    assert result.exit_code == 0, result.output
+    credentials = isolated_env / ".anylearn" / "credentials.json"
+    assert stat.S_IMODE(os.stat(credentials).st_mode) == 0o600
+    assert json.loads(credentials.read_text())[backend.url]["username"] == user.username
+    assert user.token not in (isolated_env / ".anylearn" / "config.json").read_text()
+
+
+@pytest.mark.integration
+def test_wrong_password_is_one_line(backend, user):
+    result = CliRunner().invoke(
+        cli,
+        ["login", "--host", backend.url, "--username", user.username, "--password", "nope-nope"],
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: wrong username or password"
+
+
+@pytest.mark.integration
+def test_tasks_table_watch_and_logs(user, algorithm_repo, dataset_dir, monkeypatch):
+    monkeypatch.setenv("ANYLEARN_HOST", user.backend.url)
+    monkeypatch.setenv("ANYLEARN_TOKEN", user.token)
+    task, *_ = quick_train(
+        algorithm_dir=algorithm_repo,
+        dataset_dir=dataset_dir,
+        entrypoint="python train.py",
+        resource_polling=0.2,
+    )
+    runner = CliRunner()
+    watched = runner.invoke(cli, ["tasks", "--watch", "--interval", "0.2"])
+    assert watched.exit_code == 0, watched.output
+    assert task.refresh().state == TaskState.SUCCEEDED
+    listed = runner.invoke(cli, ["tasks"])
+    assert task.id in listed.output and "SUCCEEDED" in listed.output
+    logs = runner.invoke(cli, ["tasks", "logs", task.id])
+    assert "done" in logs.output
+    followed = runner.invoke(cli, ["tasks", "logs", task.id, "--follow"])
+    assert followed.output == logs.output
+    missing = runner.invoke(cli, ["tasks", "logs", "task-nope"])
+    assert missing.exit_code == 1 and "not found" in missing.output
