@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from anylearn_sdk import local_backend
 from anylearn_sdk import session as sdk_session
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -49,61 +46,20 @@ class Backend:
     url: str
     data_dir: Path
     admin_token: str
-    proc: subprocess.Popen
 
     def admin(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.admin_token}"}
-        return requests.request(
-            method, f"{self.url}/api/v1{path}", headers=headers, timeout=30, **kwargs
-        )
-
-
-def start_backend(data_dir: Path) -> Backend:
-    with open(data_dir.parent / f"{data_dir.name}.log", "ab") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "anylearn_sdk.server",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                "0",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 60
-    address = data_dir / "server.json"
-    while time.monotonic() < deadline:
-        if address.exists():
-            info = json.loads(address.read_text())
-            if info["pid"] == proc.pid:
-                creds = json.loads((data_dir / "admin-credentials.json").read_text())
-                return Backend(info["url"], data_dir, creds["token"], proc)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
-def stop_backend(backend: Backend) -> None:
-    backend.proc.send_signal(signal.SIGTERM)
-    try:
-        backend.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        backend.proc.kill()
+        url = f"{self.url}/api/v1{path}"
+        return requests.request(method, url, headers=headers, timeout=30, **kwargs)
 
 
 @pytest.fixture(scope="session")
 def backend(tmp_path_factory):
-    """The real backend process on a random loopback port, for the whole session."""
+    """The real backend process on a random loopback port, started by the SDK's own launcher."""
     data_dir = tmp_path_factory.mktemp("backend") / "data"
-    server = start_backend(data_dir)
-    yield server
-    stop_backend(server)
+    status = local_backend.start(data_dir)
+    yield Backend(status.url, data_dir, local_backend.admin_token(data_dir))
+    local_backend.stop(data_dir)
 
 
 @dataclass
