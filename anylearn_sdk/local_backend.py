@@ -32,6 +32,8 @@ LOG_FILE = "server.log"
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
 HEALTH_TIMEOUT_SECONDS = 2.0
+#: Backends this process launched, by pid: kept so they are reaped (no zombie, no warning).
+_children: dict[int, subprocess.Popen] = {}
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def start(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        _children[proc.pid] = proc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             current = status(data_dir)
@@ -147,13 +150,21 @@ def stop(data_dir: Path, *, timeout: float = STOP_TIMEOUT_SECONDS) -> bool:
         os.kill(current.pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    child = _children.pop(current.pid, None)
+    if child is not None:
         try:
-            os.kill(current.pid, 0)
-        except ProcessLookupError:
+            child.wait(timeout=timeout)
             return True
-        time.sleep(0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(current.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.1)
     raise LocalBackendError(f"the local backend (pid {current.pid}) did not stop in {timeout} s")
 
 

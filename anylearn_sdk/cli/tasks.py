@@ -8,9 +8,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from anylearn_sdk.resources.train_task import TrainTask
 from anylearn_sdk.session import get_context
@@ -42,14 +43,23 @@ def _duration(task: dict, now: datetime) -> str:
 def render(rows: list[dict]) -> Table:
     """The task table: id, name, state, created, duration."""
     now = datetime.now(timezone.utc)
-    table = Table("id", "name", "state", "created", "duration")
+    table = Table(
+        Column("id", no_wrap=True, min_width=max((len(t["id"]) for t in rows), default=2)),
+        Column("name", overflow="ellipsis", no_wrap=True, max_width=20),
+        Column("state", no_wrap=True, min_width=9),
+        Column("created", no_wrap=True, min_width=14),
+        Column("duration", no_wrap=True, min_width=8),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for t in rows:
         created = _parse(t["created_at"])
         table.add_row(
             t["id"],
             t["name"],
             f"[{STATE_STYLES.get(t['state'], 'white')}]{t['state']}[/]",
-            created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else "-",
+            created.astimezone().strftime("%m-%d %H:%M:%S") if created else "-",
             _duration(t, now),
         )
     return table
