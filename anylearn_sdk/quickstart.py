@@ -30,6 +30,7 @@ from anylearn_sdk.resources.algorithm import (
     Algorithm,
     algorithm_name_for,
     find_algorithm,
+    has_commit,
     sync_algorithm,
 )
 from anylearn_sdk.resources.dataset import Dataset, await_ready, get_ready, start_sync
@@ -346,7 +347,7 @@ def _submit(
     if snap is not None:
         algorithm = sync_algorithm(ctx, existing_alg, alg_name, project.id, snap, report)
     else:
-        if not _commit_on_server(ctx, algorithm_id, algorithm_git_ref):
+        if not has_commit(ctx, algorithm_id, algorithm_git_ref):
             raise InvalidArgumentError(
                 f"algorithm_git_ref {algorithm_git_ref!r} is not a commit "
                 f"of algorithm {algorithm_id}"
@@ -401,11 +402,6 @@ def _hash_folder(
         return build_manifest(folder, store, lambda n: report.advance(phase, n))
     finally:
         report.phase_end(phase)
-
-
-def _commit_on_server(ctx: SdkContext, algorithm_id: str, sha: str) -> bool:
-    response = ctx.api.request("GET", f"/algorithms/{algorithm_id}/commits/{sha}", check=False)
-    return response.status_code == 200
 
 
 def resume_unfinished_local_train_tasks() -> list[TrainTask]:

@@ -20,7 +20,7 @@ from anylearn_sdk.server.api.algorithms import owned_algorithm
 from anylearn_sdk.server.api.resources import owned_resource
 from anylearn_sdk.server.api.runtime import Amounts
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, bad_request, not_found
-from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask, User, iso
+from anylearn_sdk.server.db import Mirror, Project, QuotaGroup, TrainTask, User, iso
 from anylearn_sdk.server.scheduler import RESOURCE_KEYS, TaskPaths, fits
 from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
 
@@ -95,13 +95,13 @@ def owned_task(session: Session, user: User, task_id: str) -> TrainTask:
     return task
 
 
-def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, str]:
-    """Check every reference before anything is written; returns (request, output)."""
+def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, str, Project]:
+    """Check every reference before anything is written; returns (request, output, project)."""
     try:
         output = check_relative_path(body.output, what="output")
     except ValueError as err:
         raise bad_request(str(err)) from err
-    owned_project(session, user, body.project_id)
+    project = owned_project(session, user, body.project_id)
     alg = owned_algorithm(session, user, body.algorithm_id)
     if not gitrepos.has_commit(ctx.paths.repo(alg.id), body.commit):
         raise bad_request(f"commit {body.commit!r} is not in algorithm {alg.id}; push it first")
@@ -128,7 +128,7 @@ def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, s
             ErrorCode.QUOTA_EXCEEDED,
             f"request ({wanted}) exceeds quota group {group.name!r} capacity ({have})",
         )
-    return request, output
+    return request, output, project
 
 
 @router.post("", status_code=201)
@@ -150,8 +150,7 @@ def create_task(
         if existing is not None:
             response.status_code = 200
             return task_json(existing)
-    request, output = _validate(body, user, session, ctx)
-    project = owned_project(session, user, body.project_id)
+    request, output, project = _validate(body, user, session, ctx)
     task = TrainTask(
         owner_id=user.id,
         project_id=project.id,
