@@ -1,5 +1,9 @@
 """Progress reporting: a callback protocol, a tqdm implementation, and a silent one.
 
+Phases, in the order a dataset goes through them: ``scanning`` (unit: files), ``hashing``,
+``uploading`` and ``server verifying`` (unit: bytes). A phase's key is the phase word, a space
+and a label (``"hashing data"``), so phases of several datasets can run at once.
+
 Library users pass their own :class:`ProgressCallback`; by default the SDK shows tqdm bars on
 stderr (one per phase, in bytes, sharing one lock across threads, as huggingface_hub does) and
 one-line messages. ``ANYLEARN_DISABLE_PROGRESS_BARS`` (any value but ``""`` or ``0``) or
@@ -19,10 +23,15 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger("anylearn_sdk")
 
+SCANNING = "scanning"
+HASHING = "hashing"
+UPLOADING = "uploading"
+VERIFYING = "server verifying"
+
 
 class ProgressCallback(Protocol):
-    def phase_start(self, phase: str, total: int | None) -> None:
-        """A phase (``hashing``, ``uploading``...) begins; ``total`` in bytes if known."""
+    def phase_start(self, phase: str, total: int | None, unit: str = "B") -> None:
+        """A phase begins; ``total`` in ``unit`` (bytes unless said otherwise) if known."""
 
     def advance(self, phase: str, amount: int) -> None:
         """``amount`` more bytes of ``phase`` are done (called from worker threads too)."""
@@ -37,7 +46,7 @@ class ProgressCallback(Protocol):
 class SilentProgress:
     """Reports nothing but log records."""
 
-    def phase_start(self, phase: str, total: int | None) -> None:
+    def phase_start(self, phase: str, total: int | None, unit: str = "B") -> None:
         pass
 
     def advance(self, phase: str, amount: int) -> None:
@@ -59,16 +68,16 @@ class TqdmProgress:
         self._lock = threading.RLock()
         tqdm.set_lock(self._lock)
 
-    def phase_start(self, phase: str, total: int | None) -> None:
+    def phase_start(self, phase: str, total: int | None, unit: str = "B") -> None:
         if not self.bars:
             return
         with self._lock:
             self._bars[phase] = tqdm(
                 total=total,
                 desc=phase,
-                unit="B",
+                unit=unit,
                 unit_scale=True,
-                unit_divisor=1024,
+                unit_divisor=1024 if unit == "B" else 1000,
                 file=sys.stderr,
                 leave=True,
                 dynamic_ncols=True,

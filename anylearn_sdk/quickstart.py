@@ -9,11 +9,9 @@ commit; data is deduplicated by content and only what the server lacks is upload
 from __future__ import annotations
 
 import logging
-import tempfile
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 from anylearn_sdk import gitsync
 from anylearn_sdk.client.http import ApiClient
 from anylearn_sdk.config import stored_token
-from anylearn_sdk.content.archive import extract_archive
+from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.errors import InvalidArgumentError, NotFoundError
 from anylearn_sdk.progress import ProgressCallback, resolve_progress
@@ -193,7 +191,8 @@ def quick_train(
             hyperparameter that receives each mount's path.
         dataset_id / model_id: existing READY versions (an id or a list).
         dataset_dir / model_dir: local folders to sync.
-        dataset_archive: a local zip or tar file to sync as a dataset (extracted safely).
+        dataset_archive: a local zip or tar file to sync as a dataset; its members are hashed
+            and uploaded from the archive (never extracted), and unsafe members are refused.
         pretrain_task_id: earlier SUCCEEDED tasks whose results are mounted.
         project_id / project_name: the project (default: the user's default project; a new
             name is created).
@@ -274,53 +273,49 @@ def quick_train(
         )
     else:
         snap = None
-    with ExitStack() as scratch:
-        manifests: list[tuple[str, Manifest, str]] = []
-        for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
-            if folder is not None:
-                manifests.append((kind, _hash_folder(ctx, folder, report, cache=True), folder.name))
-        if archive is not None:
-            tmp_root = ctx.settings.home / "tmp"
-            tmp_root.mkdir(parents=True, exist_ok=True)
-            extracted = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=tmp_root)))
-            extract_archive(archive, extracted)
-            name = algorithm_name_for(archive.name.split(".")[0])
-            manifests.append(("dataset", _hash_folder(ctx, extracted, report, cache=False), name))
-        return _submit(
-            ctx,
-            report,
-            snap=snap,
-            manifests=manifests,
-            found_project=found_project,
-            new_project_name=new_project_name,
-            existing_alg=existing_alg,
-            alg_name=alg_name,
-            algorithm_id=algorithm_id,
-            algorithm_git_ref=algorithm_git_ref,
-            existing=(existing_datasets, existing_models),
-            resource_polling=resource_polling,
-            resource_timeout=resource_timeout,
-            body={
-                "name": task_name,
-                "description": task_description or "",
-                "entrypoint": entrypoint,
-                "hyperparams": params,
-                "hyperparams_prefix": hyperparams_prefix,
-                "hyperparams_delimiter": hyperparams_delimeter,
-                "pretrain": {
-                    "ids": pretrain_ids,
-                    "hyperparam_name": pretrain_hyperparam_name or None,
-                },
-                "dataset_hyperparam_name": dataset_hyperparam_name or None,
-                "model_hyperparam_name": model_hyperparam_name or None,
-                "output": output,
-                "mirror_id": mirror.id,
-                "quota_group_id": group.id,
-                "request": request,
-                "num_nodes": num_nodes,
-                "nproc_per_node": nproc_per_node,
+    manifests: list[tuple[str, Manifest, str]] = []
+    for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
+        if folder is not None:
+            manifest = build_manifest(folder, ctx.store, report, label=folder.name)
+            manifests.append((kind, manifest, folder.name))
+    if archive is not None:
+        name = algorithm_name_for(archive.name.split(".")[0])
+        manifests.append(("dataset", archive_manifest(archive, ctx.store, report, name), name))
+    return _submit(
+        ctx,
+        report,
+        snap=snap,
+        manifests=manifests,
+        found_project=found_project,
+        new_project_name=new_project_name,
+        existing_alg=existing_alg,
+        alg_name=alg_name,
+        algorithm_id=algorithm_id,
+        algorithm_git_ref=algorithm_git_ref,
+        existing=(existing_datasets, existing_models),
+        resource_polling=resource_polling,
+        resource_timeout=resource_timeout,
+        body={
+            "name": task_name,
+            "description": task_description or "",
+            "entrypoint": entrypoint,
+            "hyperparams": params,
+            "hyperparams_prefix": hyperparams_prefix,
+            "hyperparams_delimiter": hyperparams_delimeter,
+            "pretrain": {
+                "ids": pretrain_ids,
+                "hyperparam_name": pretrain_hyperparam_name or None,
             },
-        )
+            "dataset_hyperparam_name": dataset_hyperparam_name or None,
+            "model_hyperparam_name": model_hyperparam_name or None,
+            "output": output,
+            "mirror_id": mirror.id,
+            "quota_group_id": group.id,
+            "request": request,
+            "num_nodes": num_nodes,
+            "nproc_per_node": nproc_per_node,
+        },
+    )
 
 
 def _submit(
@@ -390,18 +385,6 @@ def _submit(
     task = TrainTask(data["id"], context=ctx, data=data)
     report.message(f"task {task.id} created ({task.state.value}) at commit {algorithm.commit[:12]}")
     return task, algorithm, datasets, project
-
-
-def _hash_folder(
-    ctx: SdkContext, folder: Path, report: ProgressCallback, *, cache: bool
-) -> Manifest:
-    phase = f"hash {folder.name}"
-    report.phase_start(phase, None)
-    try:
-        store = ctx.store if cache else None
-        return build_manifest(folder, store, lambda n: report.advance(phase, n))
-    finally:
-        report.phase_end(phase)
 
 
 def resume_unfinished_local_train_tasks() -> list[TrainTask]:

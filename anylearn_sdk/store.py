@@ -9,7 +9,13 @@ Tables (created by the versioned migrations below, recorded in ``_sqlite_migrati
 * ``remote_resources``: (server, kind, checksum) → remote id of a dataset or model version.
 * ``train_tasks``: every task created, with its server, state and the profile that made it
   (host URL and username).
-* ``upload_sessions``: the tus URL of an upload in progress, so a new process resumes it.
+* ``upload_units``: the journal of uploads in progress: for each unit of an upload plan (a
+  pack, an object, a part of an object, the final concatenation) its tus URL, written right
+  after the server created it and before any byte is sent, so a new process resumes each unit
+  from the server's offset.
+* ``folder_manifests``: per folder (or archive), a fingerprint of every file's stat key and the
+  manifest checksum it gave, so an unchanged folder is recognised from one walk without
+  loading a row per file.
 
 Every row that names a remote id also names the server it belongs to, by the ``server_id``
 the server reports on ``/health`` (stable across restarts and port changes). Every write is in a
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
+from sqlite_utils.db import NotFoundError
 
 from anylearn_sdk.states import TaskState
 
@@ -91,6 +98,44 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m002_upload_units_and_folder_manifests(db: sqlite_utils.Database) -> None:
+    db["upload_sessions"].drop(ignore=True)
+    db["upload_units"].create(
+        {
+            "server": str,
+            "resource_id": str,
+            "unit_key": str,
+            "upload_url": str,
+            "length": int,
+            "created_at": float,
+        },
+        pk=("server", "resource_id", "unit_key"),
+    )
+    db["folder_manifests"].create(
+        {
+            "root": str,
+            "fingerprint": str,
+            "checksum": str,
+            "file_count": int,
+            "total_bytes": int,
+            "max_mtime_ns": int,
+            "cached_at_ns": int,
+        },
+        pk="root",
+    )
+
+
+@dataclass(frozen=True)
+class FolderManifest:
+    fingerprint: str
+    checksum: str
+    file_count: int
+    total_bytes: int
+    max_mtime_ns: int
+    cached_at_ns: int
+
+
 @dataclass(frozen=True)
 class CachedHash:
     size: int
@@ -145,9 +190,16 @@ class LocalStore:
             for r in rows
         }
 
-    def save_hashes(self, rows: Iterable[tuple[str, int, int, int, str]]) -> None:
-        """Record ``(path, size, mtime_ns, inode, sha256)`` rows, stamped with the current time."""
-        now = time.time_ns()
+    def save_hashes(
+        self, rows: Iterable[tuple[str, int, int, int, str]], cached_at_ns: int
+    ) -> None:
+        """Record ``(path, size, mtime_ns, inode, sha256)`` rows.
+
+        Args:
+            cached_at_ns: when the walk that read these files began (``time.time_ns()``); a
+                file whose mtime is not older than this is hashed again next time.
+        """
+        now = cached_at_ns
         records = [
             {
                 "path": p,
@@ -163,6 +215,24 @@ class LocalStore:
         if records:
             with self.db.atomic():
                 self.db["hash_cache"].upsert_all(records, pk="path", batch_size=SQL_BATCH // 7)
+
+    def folder_manifest(self, root: str) -> FolderManifest | None:
+        try:
+            row = self.db["folder_manifests"].get(root)
+        except NotFoundError:
+            return None
+        return FolderManifest(
+            row["fingerprint"],
+            row["checksum"],
+            row["file_count"],
+            row["total_bytes"],
+            row["max_mtime_ns"],
+            row["cached_at_ns"],
+        )
+
+    def save_folder_manifest(self, root: str, state: FolderManifest) -> None:
+        with self.db.atomic():
+            self.db["folder_manifests"].upsert({"root": root, **state.__dict__}, pk="root")
 
     # remote resources ----------------------------------------------------------------------
     def remote_resource(self, server: str, kind: str, checksum: str) -> str | None:
@@ -194,36 +264,37 @@ class LocalStore:
                 [server, kind, checksum],
             )
 
-    # upload sessions -----------------------------------------------------------------------
-    def upload_session(self, server: str, resource_id: str, pack_key: str) -> str | None:
-        """The tus URL of an unfinished upload of the same pack, if one was journaled."""
-        rows = list(
-            self.db["upload_sessions"].rows_where(
-                "server = ? and resource_id = ? and pack_key = ?", [server, resource_id, pack_key]
+    # upload journal ------------------------------------------------------------------------
+    def upload_units(self, server: str, resource_id: str) -> dict[str, str]:
+        """The journaled units of uploads to ``resource_id``: unit key → tus URL."""
+        return {
+            r["unit_key"]: r["upload_url"]
+            for r in self.db["upload_units"].rows_where(
+                "server = ? and resource_id = ?", [server, resource_id]
             )
-        )
-        return rows[0]["upload_url"] if rows else None
+        }
 
-    def save_upload_session(
-        self, server: str, resource_id: str, pack_key: str, url: str, length: int
+    def save_upload_unit(
+        self, server: str, resource_id: str, unit_key: str, url: str, length: int
     ) -> None:
+        """Journal a unit's tus URL (one committed transaction, before its bytes are sent)."""
         with self.db.atomic():
-            self.db["upload_sessions"].upsert(
+            self.db["upload_units"].upsert(
                 {
                     "server": server,
                     "resource_id": resource_id,
-                    "pack_key": pack_key,
+                    "unit_key": unit_key,
                     "upload_url": url,
                     "length": length,
                     "created_at": time.time(),
                 },
-                pk=("server", "resource_id"),
+                pk=("server", "resource_id", "unit_key"),
             )
 
-    def drop_upload_session(self, server: str, resource_id: str) -> None:
+    def drop_upload_units(self, server: str, resource_id: str) -> None:
         with self.db.atomic():
             self.db.execute(
-                "delete from upload_sessions where server = ? and resource_id = ?",
+                "delete from upload_units where server = ? and resource_id = ?",
                 [server, resource_id],
             )
 

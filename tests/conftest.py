@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,19 @@ def dataset_dir(tmp_path) -> Path:
     (data / "sub").mkdir(parents=True)
     (data / "a.txt").write_text("alpha\n")
     (data / "sub" / "b.bin").write_bytes(os.urandom(70_000))
+    age(data)
     return data
+
+
+def age(root: Path, seconds: float = 3600) -> None:
+    """Set every file's mtime ``seconds`` back, like a dataset written long before it is sent.
+
+    A file modified within the racy margin of a hash is hashed again next time (by design), so
+    tests that expect an unchanged folder to be read from the cache start from aged files.
+    """
+    when = time.time() - seconds
+    for path in root.rglob("*"):
+        os.utime(path, (when, when))
 
 
 def repo_state(repo: Path) -> dict:

@@ -10,7 +10,7 @@ from anylearn_sdk.session import get_context
 from tests.conftest import repo_state
 
 pytestmark = pytest.mark.integration
-STORE_TABLES = ("hash_cache", "remote_resources", "train_tasks", "upload_sessions")
+STORE_TABLES = ("hash_cache", "remote_resources", "train_tasks", "upload_units", "folder_manifests")
 
 
 def server_state(user) -> dict:

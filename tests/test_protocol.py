@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import anylearn_sdk
 from anylearn_sdk.client.http import raise_for_status
 from anylearn_sdk.content.pack import PackMember, PackReader
+from anylearn_sdk.content.sources import FileSource
 from anylearn_sdk.errors import AuthenticationError, NotFoundError, ServerError
 from anylearn_sdk.protocol import (
     ManifestEntry,
@@ -123,7 +124,9 @@ def test_pack_reads_the_same_at_any_offset(tmp_path):
         data = bytes([i]) * size
         path = tmp_path / str(i)
         path.write_bytes(data)
-        members.append(PackMember(hashlib.sha256(data).hexdigest(), size, str(path)))
+        members.append(
+            PackMember(hashlib.sha256(data).hexdigest(), size, FileSource(str(path), size))
+        )
     reader = PackReader(members)
     whole = reader.read_at(0, reader.length)
     assert len(whole) == reader.length

@@ -1,4 +1,4 @@
-"""A tus 1.0 client (core, creation, termination) for the packs of :mod:`..content.pack`.
+"""A tus 1.0 client: core, creation, termination and concatenation.
 
 Protocol: https://tus.io/protocols/resumable-upload. Each PATCH sends at most
 ``UPLOAD_CHUNK_BYTES``. After a connection reset, a timeout, a 409 (offset conflict, tus
@@ -11,22 +11,30 @@ server accepts.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import requests
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from anylearn_sdk.client.http import ApiClient, raise_for_status
-from anylearn_sdk.content.pack import PackReader
 from anylearn_sdk.errors import HTTPError, ServerError
 
 TUS_VERSION = "1.0.0"
-UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
+UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024
 #: Attempts at one chunk before giving up; the count starts over after every accepted chunk.
 CHUNK_ATTEMPTS = 8
 #: (connect, read) seconds for one PATCH.
 PATCH_TIMEOUT = (10.0, 300.0)
 _RETRY_STATUSES = frozenset({409, 423, 408, 429, 500, 502, 503, 504})
+
+
+class Body(Protocol):
+    """What an upload sends: ``length`` bytes, any range of which can be read again."""
+
+    length: int
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
 
 
 class _Resync(Exception):
@@ -45,25 +53,45 @@ class TusClient:
         self.api = api
         self.endpoint = endpoint
 
-    def create(self, length: int, metadata: Mapping[str, str]) -> str:
-        """Create an upload of ``length`` bytes; returns its URL path."""
+    def create(self, length: int, metadata: Mapping[str, str], *, partial: bool = False) -> str:
+        """Create an upload of ``length`` bytes (a partial one for concatenation if asked).
+
+        Returns:
+            The upload's URL path.
+        """
+        headers = {
+            "Tus-Resumable": TUS_VERSION,
+            "Upload-Length": str(length),
+            "Upload-Metadata": encode_metadata(metadata),
+        }
+        if partial:
+            headers["Upload-Concat"] = "partial"
+        response = self.api.request("POST", self.endpoint, headers=headers)
+        return response.headers["Location"]
+
+    def concatenate(self, urls: Sequence[str], metadata: Mapping[str, str]) -> str:
+        """Create the final upload joining complete partial uploads, in order (tus §Concatenation).
+
+        Returns:
+            The final upload's URL path.
+        """
         response = self.api.request(
             "POST",
             self.endpoint,
             headers={
                 "Tus-Resumable": TUS_VERSION,
-                "Upload-Length": str(length),
+                "Upload-Concat": "final;" + " ".join(urls),
                 "Upload-Metadata": encode_metadata(metadata),
             },
         )
         return response.headers["Location"]
 
     def offset(self, url: str) -> int | None:
-        """The server's ``Upload-Offset``, or None if the upload no longer exists."""
+        """The server's ``Upload-Offset``, or None if the upload no longer exists (404, 410)."""
         response = self.api.request(
             "HEAD", url, headers={"Tus-Resumable": TUS_VERSION}, check=False
         )
-        if response.status_code == 404:
+        if response.status_code in (404, 410):
             return None
         raise_for_status(response)
         return int(response.headers["Upload-Offset"])
@@ -74,14 +102,14 @@ class TusClient:
     def upload(
         self,
         url: str,
-        reader: PackReader,
+        reader: Body,
         on_bytes: Callable[[int], None] | None = None,
     ) -> int:
-        """Send the pack from the server's current offset to the end.
+        """Send ``reader``'s bytes from the server's current offset to the end.
 
         Args:
             url: the upload's URL from :meth:`create`.
-            reader: the pack.
+            reader: the bytes (a pack, a file, a part of a file).
             on_bytes: called with the number of bytes the server accepted after each chunk,
                 and once up front with the offset the server already had.
 
@@ -95,6 +123,16 @@ class TusClient:
         offset = self.offset(url)
         if offset is None:
             raise HTTPError(f"upload {url} no longer exists on the server")
+        return self.upload_from(url, offset, reader, on_bytes)
+
+    def upload_from(
+        self,
+        url: str,
+        offset: int,
+        reader: Body,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> int:
+        """:meth:`upload` when the server's offset was just read (saves one HEAD)."""
         if on_bytes is not None and offset:
             on_bytes(offset)
         initial = offset

@@ -1,8 +1,18 @@
 """Walk a folder, hash what changed, and build its manifest.
 
-Per-file sha256 comes from the local store's hash cache when (size, mtime_ns, inode) match and
-the file is older than the cache entry (see :mod:`anylearn_sdk.store`), so an unchanged folder
-is scanned with ``os.scandir`` + ``stat`` and no file content is read.
+Three layers keep a resubmit cheap, cheapest first:
+
+1. **Folder fingerprint.** The walk's stat keys (path, size, mtime_ns, inode, mode of every
+   file) are hashed into one fingerprint; if it equals the one stored with the folder's last
+   manifest checksum, and no file was modified within ``RACY_MARGIN_NS`` of that walk, the
+   checksum is reused without loading a row per file. An unchanged folder costs one walk.
+2. **Per-file hash cache** (:mod:`anylearn_sdk.store`): a file whose (size, mtime_ns, inode)
+   match its entry is not read, provided its mtime is older than the start of the walk that
+   hashed it by at least ``RACY_MARGIN_NS`` (git's "racy" rule, with a margin for
+   filesystems whose clocks tick coarsely: FAT's 2 s, or the kernel's jiffy-based timestamps).
+3. **Parallel hashing** of the rest: files of ``LARGE_HASH_BYTES`` or more one per task, smaller
+   files in batches (one task per small file costs more than it saves), on
+   ``os.cpu_count()`` threads; hashlib releases the GIL while it hashes.
 """
 
 from __future__ import annotations
@@ -10,23 +20,31 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from anylearn_sdk.content.ignore import IgnoreRules
+from anylearn_sdk.content.sources import FileSource, Source
 from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.progress import HASHING, SCANNING, ProgressCallback, SilentProgress
 from anylearn_sdk.protocol import ManifestEntry, manifest_checksum, normalize_mode
-from anylearn_sdk.store import LocalStore
+from anylearn_sdk.store import FolderManifest, LocalStore
 
 HASH_BLOCK_BYTES = 1024 * 1024
-#: Names never uploaded as data, wherever they appear.
-DEFAULT_EXCLUDES = frozenset({".git", "__pycache__", ".venv", ".DS_Store"})
-DEFAULT_EXCLUDE_SUFFIXES = (".pyc",)
+#: Files at least this large are hashed one per task; smaller ones in batches.
+LARGE_HASH_BYTES = 4 * 1024 * 1024
+#: A batch of small files holds at most this many bytes or ``SMALL_BATCH_FILES`` files.
+SMALL_BATCH_BYTES = 16 * 1024 * 1024
+SMALL_BATCH_FILES = 256
+#: A cached hash (or folder fingerprint) is trusted only for files modified at least this
+#: long before the walk that recorded it began.
+RACY_MARGIN_NS = 2_000_000_000
 
-ProgressCallback = Callable[[int], None]
 
-
-@dataclass
+@dataclass(slots=True)
 class ScannedFile:
     """A file found by the walk: where it is and its stat key."""
 
@@ -40,104 +58,287 @@ class ScannedFile:
 
 @dataclass
 class Manifest:
-    """The manifest of a folder and where each entry's bytes are on disk.
+    """The manifest of a folder and where each entry's bytes are.
 
     Attributes:
-        entries: sorted :class:`ManifestEntry` list.
         checksum: :func:`anylearn_sdk.protocol.manifest_checksum` of the entries.
-        sources: sha256 → absolute path of one local file with that content.
+        file_count: number of entries.
+        total_bytes: sum of the entries' sizes.
         hashed_bytes: bytes read to hash this time (0 on an unchanged resubmit).
+        from_fingerprint: True when the checksum came from the folder fingerprint; the entries
+            are then built (from the hash cache) only if something asks for them.
     """
 
-    entries: list[ManifestEntry]
     checksum: str
-    sources: dict[str, str] = field(repr=False)
+    file_count: int
+    total_bytes: int
     hashed_bytes: int = 0
+    from_fingerprint: bool = False
+    _entries: list[ManifestEntry] | None = field(default=None, repr=False)
+    _sources: dict[str, Source] | None = field(default=None, repr=False)
+    _load: Callable[[], Manifest] | None = field(default=None, repr=False)
+
+    def _loaded(self) -> None:
+        if self._entries is None and self._load is not None:
+            full = self._load()
+            self._entries, self._sources = full._entries, full._sources
+            self.checksum = full.checksum  # equal unless the hash cache was edited by hand
+            self.hashed_bytes += full.hashed_bytes
 
     @property
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries)
+    def entries(self) -> list[ManifestEntry]:
+        """Entries sorted by path."""
+        self._loaded()
+        return self._entries or []
+
+    @property
+    def sources(self) -> dict[str, Source]:
+        """sha256 → one :class:`Source` holding those bytes."""
+        self._loaded()
+        return self._sources or {}
 
 
-def scan(root: Path) -> list[ScannedFile]:
-    """Every regular file under ``root`` (symlinks to files followed, to folders not), sorted.
+def scan(root: Path, rules: IgnoreRules | None = None) -> list[ScannedFile]:
+    """Every regular file under ``root`` that the ignore rules keep, sorted by path.
+
+    Symlinks to files are followed; symlinks to folders are not.
 
     Raises:
         InvalidArgumentError: ``root`` is not a folder.
     """
     if not root.is_dir():
         raise InvalidArgumentError(f"folder {str(root)!r} does not exist or is not a folder")
+    rules = rules or IgnoreRules.load(str(root))
     found: list[ScannedFile] = []
     stack = [(str(root), "")]
     while stack:
         absdir, reldir = stack.pop()
         with os.scandir(absdir) as it:
-            for entry in it:
-                if entry.name in DEFAULT_EXCLUDES or entry.name.endswith(DEFAULT_EXCLUDE_SUFFIXES):
-                    continue
-                rel = f"{reldir}{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
+            entries = list(it)
+        rules.enter(reldir, {e.name for e in entries})
+        for entry in entries:
+            rel = f"{reldir}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                if not rules.ignored(rel, True):
                     stack.append((entry.path, rel + "/"))
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=True)
-                except FileNotFoundError:
-                    continue  # a dangling symlink
-                if stat.S_ISREG(st.st_mode):
-                    found.append(
-                        ScannedFile(
-                            rel, entry.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode
-                        )
-                    )
+                continue
+            if rules.ignored(rel, False):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                continue  # a dangling symlink
+            if stat.S_ISREG(st.st_mode):
+                found.append(
+                    ScannedFile(rel, entry.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+                )
     found.sort(key=lambda f: f.relpath)
     return found
 
 
-def hash_file(path: str, on_bytes: ProgressCallback | None = None) -> str:
-    """sha256 of a file, read in 1 MiB blocks (hashlib releases the GIL on large updates)."""
+def fingerprint(files: list[ScannedFile]) -> str:
+    """sha256 over every file's stat key: equal fingerprints mean an unchanged walk."""
+    text = "\n".join(f"{f.relpath}\0{f.size}\0{f.mtime_ns}\0{f.inode}\0{f.mode}" for f in files)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def hash_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
+    """sha256 of a file, read in 1 MiB blocks into one reused buffer."""
     digest = hashlib.sha256()
+    buffer = bytearray(HASH_BLOCK_BYTES)
+    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while block := f.read(HASH_BLOCK_BYTES):
-            digest.update(block)
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
             if on_bytes is not None:
-                on_bytes(len(block))
+                on_bytes(n)
     return digest.hexdigest()
+
+
+def _hash_large(f: ScannedFile, on_bytes: Callable[[int], None]) -> str:
+    digest = hash_file(f.abspath, on_bytes)
+    st = os.stat(f.abspath)
+    if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+        raise InvalidArgumentError(f"file {f.abspath!r} changed while it was hashed; submit again")
+    return digest
+
+
+def _hash_small_batch(batch: list[ScannedFile], on_bytes: Callable[[int], None]) -> list[str]:
+    """Hash small files with one read each (the size is known from the walk)."""
+    digests = []
+    for f in batch:
+        fd = os.open(f.abspath, os.O_RDONLY)
+        try:
+            data = os.read(fd, f.size + 1)
+        finally:
+            os.close(fd)
+        if len(data) != f.size:
+            raise InvalidArgumentError(
+                f"file {f.abspath!r} changed while it was hashed; submit again"
+            )
+        digests.append(hashlib.sha256(data).hexdigest())
+    on_bytes(sum(f.size for f in batch))
+    return digests
+
+
+def hash_files(
+    files: list[ScannedFile], on_bytes: Callable[[int], None], workers: int | None = None
+) -> list[str]:
+    """sha256 of each file, in order, on ``workers`` threads (default ``os.cpu_count()``).
+
+    Raises:
+        InvalidArgumentError: a file changed size while it was read.
+    """
+    large = [i for i, f in enumerate(files) if f.size >= LARGE_HASH_BYTES]
+    small = [i for i, f in enumerate(files) if f.size < LARGE_HASH_BYTES]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for i in small:
+        current.append(i)
+        current_bytes += files[i].size
+        if current_bytes >= SMALL_BATCH_BYTES or len(current) >= SMALL_BATCH_FILES:
+            batches.append(current)
+            current, current_bytes = [], 0
+    if current:
+        batches.append(current)
+    digests: list[str] = [""] * len(files)
+    workers = workers or os.cpu_count() or 1
+    if len(large) + len(batches) <= 1 or workers == 1:
+        for i in large:
+            digests[i] = _hash_large(files[i], on_bytes)
+        for b in batches:
+            for i, d in zip(b, _hash_small_batch([files[i] for i in b], on_bytes), strict=True):
+                digests[i] = d
+        return digests
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-hash") as pool:
+        large_futures = {i: pool.submit(_hash_large, files[i], on_bytes) for i in large}
+        batch_futures = [
+            (b, pool.submit(_hash_small_batch, [files[i] for i in b], on_bytes)) for b in batches
+        ]
+        for i, fut in large_futures.items():
+            digests[i] = fut.result()
+        for b, fut in batch_futures:
+            for i, d in zip(b, fut.result(), strict=True):
+                digests[i] = d
+    return digests
+
+
+def _from_files(
+    files: list[ScannedFile],
+    store: LocalStore | None,
+    root: Path,
+    started_ns: int,
+    progress: ProgressCallback,
+    label: str,
+) -> Manifest:
+    """The full manifest: cached digests where the racy rule allows, hashing the rest."""
+    cache = store.cached_hashes(root) if store is not None else {}
+    digests: list[str | None] = []
+    todo: list[int] = []
+    for i, f in enumerate(files):
+        cached = cache.get(f.abspath)
+        if (
+            cached is not None
+            and (cached.size, cached.mtime_ns, cached.inode) == (f.size, f.mtime_ns, f.inode)
+            and f.mtime_ns < cached.cached_at_ns - RACY_MARGIN_NS
+        ):
+            digests.append(cached.sha256)
+        else:
+            digests.append(None)
+            todo.append(i)
+    hashed = sum(files[i].size for i in todo)
+    if todo:
+        phase = f"{HASHING} {label}"
+        progress.phase_start(phase, hashed)
+        try:
+            fresh = hash_files([files[i] for i in todo], lambda n: progress.advance(phase, n))
+        finally:
+            progress.phase_end(phase)
+        for i, d in zip(todo, fresh, strict=True):
+            digests[i] = d
+        if store is not None:
+            store.save_hashes(
+                [
+                    (files[i].abspath, files[i].size, files[i].mtime_ns, files[i].inode, d)
+                    for i, d in zip(todo, fresh, strict=True)
+                ],
+                cached_at_ns=started_ns,
+            )
+    entries: list[ManifestEntry] = []
+    sources: dict[str, Source] = {}
+    for f, digest in zip(files, digests, strict=True):
+        assert digest is not None
+        entries.append(ManifestEntry(f.relpath, f.size, normalize_mode(f.mode), digest))
+        sources.setdefault(digest, FileSource(f.abspath, f.size))
+    return Manifest(
+        manifest_checksum(entries),
+        len(entries),
+        sum(e.size for e in entries),
+        hashed,
+        _entries=entries,
+        _sources=sources,
+    )
 
 
 def build_manifest(
     root: Path,
     store: LocalStore | None,
-    on_hash_bytes: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None,
+    label: str | None = None,
 ) -> Manifest:
-    """Scan ``root`` and build its manifest, hashing only files the cache cannot vouch for.
+    """Scan ``root`` and build its manifest, reading only files the caches cannot vouch for.
 
     Args:
         root: the dataset or model folder.
-        store: the local store holding the hash cache (new hashes are saved to it), or None to
-            hash everything and cache nothing (a scratch folder).
-        on_hash_bytes: called with a byte count as content is hashed (for progress bars).
+        store: the local store holding the caches (updated here), or None to hash everything
+            and remember nothing (a scratch folder).
+        progress: told of the ``scanning`` (files) and ``hashing`` (bytes) phases.
+        label: names the folder in progress phases (default: its name).
+
+    Raises:
+        InvalidArgumentError: ``root`` is not a folder, an ignore file is unreadable, or a file
+            changed while it was hashed.
     """
     root = root.resolve()
-    files = scan(root)
-    cache = store.cached_hashes(root) if store is not None else {}
-    entries: list[ManifestEntry] = []
-    sources: dict[str, str] = {}
-    fresh: list[tuple[str, int, int, int, str]] = []
-    hashed = 0
-    for f in files:
-        cached = cache.get(f.abspath)
-        if (
-            cached is not None
-            and (cached.size, cached.mtime_ns, cached.inode) == (f.size, f.mtime_ns, f.inode)
-            and f.mtime_ns < cached.cached_at_ns
-        ):
-            digest = cached.sha256
-        else:
-            digest = hash_file(f.abspath, on_hash_bytes)
-            hashed += f.size
-            fresh.append((f.abspath, f.size, f.mtime_ns, f.inode, digest))
-        entries.append(ManifestEntry(f.relpath, f.size, normalize_mode(f.mode), digest))
-        sources.setdefault(digest, f.abspath)
-    if store is not None:
-        store.save_hashes(fresh)
-    return Manifest(entries, manifest_checksum(entries), sources, hashed)
+    progress = progress or SilentProgress()
+    label = label or root.name
+    started_ns = time.time_ns()
+    phase = f"{SCANNING} {label}"
+    progress.phase_start(phase, None, unit="files")
+    try:
+        files = scan(root)
+        progress.advance(phase, len(files))
+    finally:
+        progress.phase_end(phase)
+    if store is None:
+        return _from_files(files, None, root, started_ns, progress, label)
+    key = str(root)
+    print_ = fingerprint(files)
+    known = store.folder_manifest(key)
+    max_mtime = max((f.mtime_ns for f in files), default=0)
+    if (
+        known is not None
+        and known.fingerprint == print_
+        and known.max_mtime_ns < known.cached_at_ns - RACY_MARGIN_NS
+    ):
+        return Manifest(
+            known.checksum,
+            known.file_count,
+            known.total_bytes,
+            from_fingerprint=True,
+            _load=lambda: _from_files(files, store, root, started_ns, progress, label),
+        )
+    manifest = _from_files(files, store, root, started_ns, progress, label)
+    store.save_folder_manifest(
+        key,
+        FolderManifest(
+            print_,
+            manifest.checksum,
+            manifest.file_count,
+            manifest.total_bytes,
+            max_mtime,
+            started_ns,
+        ),
+    )
+    return manifest

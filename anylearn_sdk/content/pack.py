@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import os
 import tarfile
 from dataclasses import dataclass
 
-from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.content.sources import Source
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -23,7 +22,7 @@ END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 class PackMember:
     sha256: str
     size: int
-    source: str
+    source: Source
 
 
 def _header(member: PackMember) -> bytes:
@@ -67,7 +66,7 @@ class PackReader:
         """Up to ``size`` bytes starting at ``offset`` (fewer only at the end of the pack).
 
         Raises:
-            InvalidArgumentError: a source file changed size since it was hashed.
+            InvalidArgumentError: a source changed since it was hashed.
         """
         out = bytearray()
         index = bisect.bisect_right(self._starts, offset) - 1
@@ -78,21 +77,8 @@ class PackReader:
             if isinstance(what, bytes):
                 out += what[skip : skip + take]
             else:
-                out += self._read_source(what, skip, take)
+                out += what.source.read(skip, take)
             offset += take
             size -= take
             index += 1
         return bytes(out)
-
-    @staticmethod
-    def _read_source(member: PackMember, skip: int, take: int) -> bytes:
-        with open(member.source, "rb") as f:
-            if os.fstat(f.fileno()).st_size != member.size:
-                raise InvalidArgumentError(
-                    f"file {member.source!r} changed while uploading; submit again"
-                )
-            f.seek(skip)
-            data = f.read(take)
-        if len(data) != take:
-            raise InvalidArgumentError(f"file {member.source!r} changed while uploading")
-        return data

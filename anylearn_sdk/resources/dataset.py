@@ -2,9 +2,9 @@
 
 Dedup, cheapest check first: the local store (checksum → id on this server, confirmed with
 one GET), then the server (``?checksum=``); otherwise the manifest is registered, the server
-answers which objects it lacks, and only those travel, packed in one tus upload on a worker
-thread while the caller polls the version's state. An upload interrupted by the death of the
-process is journaled in the local store and resumed from the server's offset next time.
+answers which objects it lacks, and only those travel (:mod:`.upload`: small files packed,
+large ones alone or in parallel parts, every unit journaled for resume) on a worker thread
+while the caller polls the version's state.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
-from anylearn_sdk.client.tus import TusClient
 from anylearn_sdk.content.manifest import Manifest
-from anylearn_sdk.content.pack import PackMember, PackReader
 from anylearn_sdk.errors import (
     AnylearnTimeoutError,
     InvalidArgumentError,
     NotFoundError,
     ResourceError,
 )
-from anylearn_sdk.progress import ProgressCallback
+from anylearn_sdk.progress import UPLOADING, VERIFYING, ProgressCallback
+from anylearn_sdk.resources.upload import UploadRun, plan_units
 from anylearn_sdk.session import SdkContext
 from anylearn_sdk.states import ResourceState
 
@@ -112,10 +111,15 @@ def _known(ctx: SdkContext, kind: str, checksum: str) -> dict | None:
 
 @dataclass
 class PendingUpload:
-    """A version being uploaded: poll it with :func:`await_ready`."""
+    """A version being uploaded: poll it with :func:`await_ready`.
+
+    Attributes:
+        upload_bytes: bytes the plan sends (packs included), 0 if nothing was missing.
+    """
 
     resource: Dataset
     future: Future | None
+    upload_bytes: int = 0
 
 
 def start_sync(
@@ -133,7 +137,7 @@ def start_sync(
     if known is not None and known["state"] == ResourceState.READY:
         ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known["id"], name)
         progress.message(
-            f"{kind} {name!r}: {len(manifest.entries)} files, {manifest.total_bytes} bytes, "
+            f"{kind} {name!r}: {manifest.file_count} files, {manifest.total_bytes} bytes, "
             f"already on the server as {known['id']}; uploaded 0 bytes"
         )
         return PendingUpload(cls.from_json(known), None)
@@ -154,31 +158,29 @@ def start_sync(
         )
         return PendingUpload(cls.from_json(data), None)
     sizes = {e.sha256: e.size for e in manifest.entries}
-    reader = PackReader([PackMember(d, sizes[d], manifest.sources[d]) for d in missing])
+    units = plan_units(data["id"], missing, sizes, manifest.sources)
+    total = sum(u.body.length for u in units)
     progress.message(
-        f"{kind} {name!r}: uploading {len(missing)} of {len(manifest.entries)} files "
-        f"({reader.length} bytes packed) as {data['id']}"
+        f"{kind} {name!r}: uploading {len(missing)} of {manifest.file_count} files "
+        f"({total} bytes in {len(units)} uploads) as {data['id']}"
     )
-    future = pool.submit(_upload, ctx, data["id"], reader, progress, f"upload {kind} {name}")
-    return PendingUpload(cls.from_json(data), future)
+    phase = f"{UPLOADING} {name}"
+
+    def upload() -> int:
+        progress.phase_start(phase, total)
+        try:
+            run = UploadRun(ctx, data["id"], units, lambda n: progress.advance(phase, n))
+            return run.run()
+        finally:
+            progress.phase_end(phase)
+
+    return PendingUpload(cls.from_json(data), pool.submit(upload), total)
 
 
-def _upload(
-    ctx: SdkContext, resource_id: str, reader: PackReader, progress: ProgressCallback, phase: str
-) -> int:
-    """Worker-thread body: resume a journaled upload of the same pack, or start one."""
-    tus = TusClient(ctx.api)
-    url = ctx.store.upload_session(ctx.server_id, resource_id, reader.key)
-    if url is not None and tus.offset(url) is None:
-        url = None  # expired or finished on the server
-    if url is None:
-        url = tus.create(reader.length, {"kind": "pack", "resource_id": resource_id})
-        ctx.store.save_upload_session(ctx.server_id, resource_id, reader.key, url, reader.length)
-    progress.phase_start(phase, reader.length)
-    try:
-        return tus.upload(url, reader, lambda n: progress.advance(phase, n))
-    finally:
-        progress.phase_end(phase)
+def _stored_bytes(ctx: SdkContext, resource_id: str) -> int:
+    """Bytes of this version's uploads the server has verified and stored."""
+    uploads = ctx.api.get_json("/uploads", params={"resource_id": resource_id})
+    return sum(u["length"] for u in uploads if u["state"] == "STORED" and u["concat"] != "partial")
 
 
 def await_ready(
@@ -201,30 +203,47 @@ def await_ready(
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL_SECONDS
     uploaded = 0
-    while True:
-        future = pending.future
-        if future is not None and not future.done():
-            # Wake as soon as the upload ends, but poll at least every ``polling`` seconds.
-            wait([future], timeout=min(polling, max(0.0, deadline - time.monotonic())))
-        if future is not None and future.done():
-            uploaded = future.result()  # re-raises the worker's error
-        data = ctx.api.get_json(f"/{plural}/{res.id}", resource_id=res.id)
-        state = ResourceState(data["state"])
-        if state == ResourceState.READY:
-            ctx.store.drop_upload_session(ctx.server_id, res.id)
-            if pending.future is not None:
-                progress.message(
-                    f"{res.kind} {res.name!r}: {res.id} READY, uploaded {uploaded} bytes"
+    verifying: str | None = None
+    verified = 0
+    try:
+        while True:
+            future = pending.future
+            if future is not None and not future.done():
+                # Wake as soon as the upload ends, but poll at least every ``polling`` seconds.
+                wait([future], timeout=min(polling, max(0.0, deadline - time.monotonic())))
+            if future is not None and future.done():
+                uploaded = future.result()  # re-raises the worker's error
+                if verifying is None:
+                    verifying = f"{VERIFYING} {res.name}"
+                    progress.phase_start(verifying, pending.upload_bytes)
+            data = ctx.api.get_json(f"/{plural}/{res.id}", resource_id=res.id)
+            state = ResourceState(data["state"])
+            if verifying is not None:
+                stored = (
+                    pending.upload_bytes
+                    if state == ResourceState.READY
+                    else _stored_bytes(ctx, res.id)
                 )
-            return replace(class_for(res.kind).from_json(data), uploaded_bytes=uploaded)
-        if state in (ResourceState.ERROR, ResourceState.DELETED):
-            ctx.store.drop_upload_session(ctx.server_id, res.id)
-            ctx.store.forget_resource(ctx.server_id, res.kind, res.checksum)
-            raise ResourceError(f"{res.kind} {res.id} is {state.value}: {data.get('error')}")
-        if time.monotonic() >= deadline:
-            raise AnylearnTimeoutError(
-                f"{res.kind} {res.id} not READY after {timeout} s (state {state.value})"
-            )
-        if pending.future is None or pending.future.done():
-            time.sleep(min(interval, polling, max(0.0, deadline - time.monotonic())))
-            interval *= 2
+                progress.advance(verifying, stored - verified)
+                verified = stored
+            if state == ResourceState.READY:
+                ctx.store.drop_upload_units(ctx.server_id, res.id)
+                if pending.future is not None:
+                    progress.message(
+                        f"{res.kind} {res.name!r}: {res.id} READY, uploaded {uploaded} bytes"
+                    )
+                return replace(class_for(res.kind).from_json(data), uploaded_bytes=uploaded)
+            if state in (ResourceState.ERROR, ResourceState.DELETED):
+                ctx.store.drop_upload_units(ctx.server_id, res.id)
+                ctx.store.forget_resource(ctx.server_id, res.kind, res.checksum)
+                raise ResourceError(f"{res.kind} {res.id} is {state.value}: {data.get('error')}")
+            if time.monotonic() >= deadline:
+                raise AnylearnTimeoutError(
+                    f"{res.kind} {res.id} not READY after {timeout} s (state {state.value})"
+                )
+            if pending.future is None or pending.future.done():
+                time.sleep(min(interval, polling, max(0.0, deadline - time.monotonic())))
+                interval *= 2
+    finally:
+        if verifying is not None:
+            progress.phase_end(verifying)

@@ -17,7 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anylearn_sdk import __version__
 from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
-from anylearn_sdk.server.context import ApiError, ServerContext, ServerPaths
+from anylearn_sdk.server.context import (
+    DEFAULT_UPLOAD_EXPIRY,
+    ApiError,
+    ServerContext,
+    ServerPaths,
+)
 from anylearn_sdk.server.db import Mirror, QuotaGroup, make_engine, make_sessionmaker
 from anylearn_sdk.server.executors.local import LocalExecutor
 from anylearn_sdk.server.objects import ObjectStore
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 QUICKSTART_MIRROR = "QUICKSTART"
 DEFAULT_QUOTA_GROUP = "default"
+#: How often expired uploads are swept, seconds.
+UPLOAD_SWEEP_SECONDS = 600.0
 _STATUS_CODES = {
     400: ErrorCode.BAD_REQUEST,
     401: ErrorCode.UNAUTHENTICATED,
@@ -76,7 +83,11 @@ def ensure_defaults(ctx: ServerContext) -> None:
         session.commit()
 
 
-def build_context(data_dir: Path, database_url: str | None = None) -> ServerContext:
+def build_context(
+    data_dir: Path,
+    database_url: str | None = None,
+    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
+) -> ServerContext:
     paths = ServerPaths(data_dir)
     engine = make_engine(database_url or f"sqlite:///{data_dir / 'anylearn-server.db'}")
     sessions = make_sessionmaker(engine)
@@ -98,6 +109,7 @@ def build_context(data_dir: Path, database_url: str | None = None) -> ServerCont
         objects=objects,
         scheduler=scheduler,
         server_id=id_file.read_text().strip(),
+        upload_expiry=upload_expiry,
     )
     ensure_defaults(ctx)
     return ctx
@@ -108,11 +120,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        ctx.scheduler.add_periodic(UPLOAD_SWEEP_SECONDS, lambda: uploads.expire_uploads(ctx))
         ctx.scheduler.start()
+        uploads.resume_verification(ctx)
         try:
             yield
         finally:
             ctx.scheduler.stop()
+            ctx.io.shutdown(wait=True)
 
     app = FastAPI(title="anylearn reference backend", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx

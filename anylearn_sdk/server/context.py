@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -44,13 +45,28 @@ class ServerPaths:
         return self.repos / f"{algorithm_id}.git"
 
 
+#: Seconds an unfinished upload is kept after its last byte (tus §Expiration).
+DEFAULT_UPLOAD_EXPIRY = 24 * 3600.0
+
+
 @dataclass
 class ServerContext:
+    """What every request handler and worker thread shares.
+
+    Attributes:
+        upload_expiry: seconds an upload lives after its last byte arrived.
+        io: threads that write and hash upload bodies off the event loop.
+    """
+
     paths: ServerPaths
     sessions: sessionmaker
     objects: ObjectStore
     scheduler: Scheduler
     server_id: str
+    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY
+    io: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="anylearn-io")
+    )
 
 
 class ApiError(Exception):

@@ -1,7 +1,7 @@
 """Metadata storage: SQLAlchemy models over SQLite (default) or any SQLAlchemy URL.
 
 Bytes never live here: object contents, git repositories, uploads and task folders are under
-the data directory (see :mod:`anylearn_sdk.server.storage`).
+the data directory (see :mod:`anylearn_sdk.server.objects`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (SQLite returns naive datetimes, which are UTC here)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
 def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC; SQLite returns naive datetimes, which are UTC here."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat()
+    """ISO 8601 in UTC."""
+    return None if value is None else as_utc(value).isoformat()
 
 
 def new_id(prefix: str) -> str:
@@ -107,16 +108,33 @@ class Resource(Base):
 
 
 class Upload(Base):
-    """A tus 1.0 upload in progress; the bytes are in ``uploads/<id>``."""
+    """A tus 1.0 upload; its bytes are in ``uploads/<id>`` until verified and stored.
+
+    ``state``: RECEIVING (bytes still arriving), COMPLETE (a partial upload with all its
+    bytes, waiting for the final upload that concatenates it), VERIFYING (on a worker thread),
+    STORED (every object verified and in the store) or FAILED (``error`` says why). Finished
+    rows stay until ``expires_at`` so a client resuming after a crash sees the upload whole
+    rather than starting it again.
+    """
 
     __tablename__ = "uploads"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
     length: Mapped[int] = mapped_column(Integer)
     metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON)
-    resource_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id"), nullable=True)
-    completed: Mapped[bool] = mapped_column(Boolean, default=False)
+    resource_id: Mapped[str | None] = mapped_column(
+        ForeignKey("resources.id"), nullable=True, index=True
+    )
+    state: Mapped[str] = mapped_column(String(16), default="RECEIVING")
+    #: "partial", "final" or None (tus §Concatenation).
+    concat: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    #: For a final upload: the ids of its partial uploads, in order.
+    parts: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    #: Bytes received by PATCH requests, including any later discarded (a checksum mismatch).
+    received_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class Mirror(Base):
@@ -188,8 +206,25 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
+    _migrate(engine)
     Base.metadata.create_all(engine)
     return engine
+
+
+#: ``PRAGMA user_version`` of the current schema. 2: uploads gained concatenation, states and
+#: expiry (uploads are transient, so older upload rows are dropped rather than converted).
+SCHEMA_VERSION = 2
+
+
+def _migrate(engine: Engine) -> None:
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.begin() as conn:
+        version = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
+        if version < 2:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS uploads")
+        if version < SCHEMA_VERSION:
+            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

@@ -23,7 +23,7 @@ from anylearn_sdk.fileutil import write_private_json
 from anylearn_sdk.local_backend import ADDRESS_FILE, ADMIN_CREDENTIALS_FILE
 from anylearn_sdk.server.api.accounts import create_user, issue_token
 from anylearn_sdk.server.app import build_context, create_app
-from anylearn_sdk.server.context import ServerContext
+from anylearn_sdk.server.context import DEFAULT_UPLOAD_EXPIRY, ServerContext
 from anylearn_sdk.server.db import User
 
 ADMIN_USERNAME = "admin"
@@ -44,15 +44,22 @@ def bootstrap_admin(ctx: ServerContext, data_dir: Path) -> None:
         session.commit()
 
 
-def serve(host: str, port: int, data_dir: Path) -> None:
-    """Bind ``host:port`` (0 = any free port), then serve until SIGINT/SIGTERM."""
+def serve(
+    host: str, port: int, data_dir: Path, upload_expiry: float = DEFAULT_UPLOAD_EXPIRY
+) -> None:
+    """Bind ``host:port`` (0 = any free port), then serve until SIGINT/SIGTERM.
+
+    Accepted connections inherit ``TCP_NODELAY`` from the listening socket (Linux), so the
+    small responses to chunked uploads are never held back by Nagle's algorithm.
+    """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ctx = build_context(data_dir)
+    ctx = build_context(data_dir, upload_expiry=upload_expiry)
     bootstrap_admin(ctx, data_dir)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(128)
     sock.set_inheritable(True)
@@ -78,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument(
+        "--upload-expiry",
+        type=float,
+        default=DEFAULT_UPLOAD_EXPIRY,
+        help="seconds an unfinished upload is kept after its last byte (default: one day)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(args.host, args.port, args.data_dir)
+    serve(args.host, args.port, args.data_dir, args.upload_expiry)

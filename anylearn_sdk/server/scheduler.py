@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,6 +79,7 @@ class Scheduler:
         self.executor = executor
         self.lock = threading.RLock()
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-bg")
+        self._periodic: list[list] = []  # [interval seconds, next due (monotonic), callable]
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,6 +98,21 @@ class Scheduler:
         self.background.shutdown(wait=True)
         self.executor.shutdown()
 
+    def add_periodic(self, interval: float, job: Callable[[], object]) -> None:
+        """Run ``job`` on the scheduler thread every ``interval`` seconds (first run at once)."""
+        self._periodic.append([interval, 0.0, job])
+
+    def _run_periodic(self) -> None:
+        now = time.monotonic()
+        for entry in self._periodic:
+            interval, due, job = entry
+            if now >= due:
+                entry[1] = now + interval
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - housekeeping must not stop the scheduler
+                    log.exception("periodic job %s failed", job)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -104,6 +122,7 @@ class Scheduler:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must survive; the error is logged
                 log.exception("scheduler tick failed")
+            self._run_periodic()
             self._wake.wait(TICK_SECONDS)
             self._wake.clear()
 

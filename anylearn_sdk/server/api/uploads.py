@@ -1,16 +1,31 @@
-"""tus 1.0 resumable uploads: core, creation, termination and checksum (sha256).
+"""tus 1.0 resumable uploads: core, creation, termination, checksum, concatenation, expiration.
 
 Protocol: https://tus.io/protocols/resumable-upload (sections cited below as "tus §...").
 An upload's bytes are appended to ``uploads/<id>``; its offset is the file's size, so a
 request cut off mid-body keeps every byte that reached the disk and the client resumes from
 ``HEAD``'s ``Upload-Offset`` (tus §Core Protocol, "HEAD"). A PATCH carrying
 ``Upload-Checksum`` is all-or-nothing: a partial or mismatching body is discarded (tus
-§Checksum, status 460).
+§Checksum, status 460). The event loop only receives; bytes are written and hashed on worker
+threads in ``WRITE_BLOCK_BYTES`` blocks, one block in flight per request, so receiving and
+writing overlap.
 
-The only upload kind today is ``pack``: an uncompressed tar whose members are named by their
-sha256 and belong to the manifest of the dataset or model named in the ``resource_id``
-metadata. When the last byte arrives the server verifies and stores every member on a worker
-thread; the version then becomes READY, or ERROR if any member is bad.
+Every upload names, in its ``Upload-Metadata``, the dataset or model it belongs to
+(``resource_id``) and what its bytes are (``kind``):
+
+- ``object``: the bytes of one file of the manifest, named by ``sha256``. They are hashed as
+  they arrive; when complete, the file is renamed into the object store (no copy).
+- ``pack``: an uncompressed tar whose members are named by their sha256; each member is
+  verified and stored.
+- a partial upload (``Upload-Concat: partial``, tus §Concatenation) needs no ``kind``; a
+  final upload (``Upload-Concat: final;<url> <url>...``) concatenates complete partials in
+  order and is then treated as its ``kind``. This lets one large file travel as parallel
+  streams. Creating the same final again answers the existing one (a client that crashed
+  before recording its URL can resume).
+
+Nothing counts until verified: a version becomes READY once every object of its manifest is
+in the store, and ERROR if any upload fails verification. An upload expires
+``upload_expiry`` seconds after its last byte arrived (tus §Expiration, ``Upload-Expires``);
+expired ones answer 410 and are swept with their bytes.
 """
 
 from __future__ import annotations
@@ -23,15 +38,21 @@ import logging
 import os
 import secrets
 import tarfile
+import threading
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from anylearn_sdk.protocol import SHA256_HEX
 from anylearn_sdk.server.api.resources import refresh_state
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
-from anylearn_sdk.server.db import Resource, Upload
+from anylearn_sdk.server.db import Resource, Upload, User, as_utc, iso, utcnow
 from anylearn_sdk.server.objects import ObjectVerificationError
 from anylearn_sdk.states import ErrorCode, ResourceState
 
@@ -39,11 +60,28 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/uploads", tags=["uploads"])
 
 TUS_VERSION = "1.0.0"
-TUS_EXTENSIONS = "creation,termination,checksum"
+TUS_EXTENSIONS = "creation,termination,checksum,concatenation,expiration"
 #: Largest upload accepted, bytes (tus §Creation, ``Tus-Max-Size``).
 TUS_MAX_SIZE = 1024**4
 TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+#: Bytes gathered from the request stream before one write on a worker thread.
+WRITE_BLOCK_BYTES = 4 * 1024 * 1024
+KINDS = ("object", "pack")
+
+RECEIVING, COMPLETE, VERIFYING, STORED, FAILED, CONSUMED = (
+    "RECEIVING",
+    "COMPLETE",
+    "VERIFYING",
+    "STORED",
+    "FAILED",
+    "CONSUMED",
+)
+
 _locks: dict[str, asyncio.Lock] = {}
+#: upload id → (offset covered, running sha256) of ``object`` uploads, so a complete object
+#: is verified without reading it again. Lost on restart; the file is then hashed once.
+_object_hashers: dict[str, tuple[int, hashlib._Hash]] = {}
+_hashers_lock = threading.Lock()
 
 
 def _tus_error(status: int, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ApiError:
@@ -67,15 +105,49 @@ def _check_version(request: Request) -> None:
         raise ApiError(412, ErrorCode.BAD_REQUEST, f"Tus-Resumable must be {TUS_VERSION}")
 
 
-def _upload_path(ctx: ServerContext, upload_id: str) -> Path:
+def upload_path(ctx: ServerContext, upload_id: str) -> Path:
     return ctx.paths.uploads / upload_id
 
 
-def _owned_upload(session, user, upload_id: str) -> Upload:
+def _location(upload_id: str) -> str:
+    return f"/api/v1/uploads/{upload_id}"
+
+
+def _expires_header(upload: Upload) -> dict[str, str]:
+    return {"Upload-Expires": format_datetime(as_utc(upload.expires_at), usegmt=True)}
+
+
+def _owned_upload(session: Session, user: User, upload_id: str) -> Upload:
     upload = session.get(Upload, upload_id)
     if upload is None or upload.owner_id != user.id:
         raise not_found("upload", upload_id)
+    if as_utc(upload.expires_at) <= utcnow():
+        raise ApiError(410, ErrorCode.NOT_FOUND, f"upload {upload_id!r} expired")
     return upload
+
+
+def _uploading_resource(session: Session, user: User, resource_id: str) -> Resource:
+    res = session.get(Resource, resource_id)
+    if res is None or res.owner_id != user.id or res.state == ResourceState.DELETED:
+        raise not_found("resource", resource_id)
+    if res.state != ResourceState.UPLOADING:
+        raise ApiError(
+            409, ErrorCode.CONFLICT, f"{res.kind} {res.id} is {res.state}, not UPLOADING"
+        )
+    return res
+
+
+def _check_kind(res: Resource, metadata: dict[str, str], length: int) -> None:
+    kind = metadata.get("kind")
+    if kind not in KINDS:
+        raise _tus_error(400, f"Upload-Metadata kind must be one of {', '.join(KINDS)}")
+    if kind == "object":
+        sha256 = metadata.get("sha256", "")
+        sizes = {e["sha256"]: e["size"] for e in res.manifest}
+        if sha256 not in sizes:
+            raise _tus_error(400, f"object {sha256!r} is not in the manifest of {res.id}")
+        if sizes[sha256] != length:
+            raise _tus_error(400, f"object {sha256} is {sizes[sha256]} bytes, not {length}")
 
 
 @router.options("")
@@ -93,57 +165,152 @@ def tus_options() -> Response:
     )
 
 
+def _parse_final(header: str, session: Session, user: User) -> list[Upload]:
+    """The partial uploads named by ``Upload-Concat: final;<url> <url>...``, in order."""
+    urls = header.removeprefix("final;").split()
+    if not urls:
+        raise _tus_error(400, "Upload-Concat final names no partial uploads")
+    parts = []
+    for url in urls:
+        part_id = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+        part = _owned_upload(session, user, part_id)
+        if part.concat != "partial":
+            raise _tus_error(400, f"upload {part_id} is not a partial upload")
+        parts.append(part)
+    return parts
+
+
 @router.post("", status_code=201)
 def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) -> Response:
-    """Create an upload (tus §Creation). Metadata: ``kind`` = ``pack``, ``resource_id``."""
+    """Create an upload (tus §Creation, §Concatenation).
+
+    Metadata: ``resource_id`` always; ``kind`` (``object`` with ``sha256``, or ``pack``)
+    unless the upload is partial. A final upload answers 201 with its parts concatenated and
+    verification started; if the same parts were already concatenated, the existing final.
+    """
     _check_version(request)
+    metadata = parse_metadata(request.headers.get("upload-metadata"))
+    res = _uploading_resource(session, user, metadata.get("resource_id", ""))
+    concat_header = request.headers.get("upload-concat", "")
+    now = utcnow()
+    expires = now + timedelta(seconds=ctx.upload_expiry)
+    if concat_header.startswith("final;"):
+        parts = _parse_final(concat_header, session, user)
+        consumed_by = {p.parts[0] if p.state == CONSUMED and p.parts else None for p in parts}
+        if len(consumed_by) == 1 and None not in consumed_by:
+            final = session.get(Upload, consumed_by.pop())
+            if final is not None and [p.id for p in parts] == final.parts:
+                return _created(final)
+        for p in parts:
+            if p.state != COMPLETE or p.resource_id != res.id:
+                raise _tus_error(400, f"partial upload {p.id} is not complete for {res.id}")
+        length = sum(p.length for p in parts)
+        _check_kind(res, metadata, length)
+        final = Upload(
+            id=secrets.token_hex(16),
+            owner_id=user.id,
+            length=length,
+            metadata_json=metadata,
+            resource_id=res.id,
+            state=VERIFYING,
+            concat="final",
+            parts=[p.id for p in parts],
+            expires_at=expires,
+        )
+        for p in parts:
+            p.state, p.parts = CONSUMED, [final.id]
+        session.add(final)
+        session.commit()
+        ctx.scheduler.background.submit(process_upload, ctx, final.id)
+        return _created(final)
     try:
         length = int(request.headers["upload-length"])
     except (KeyError, ValueError) as err:
         raise _tus_error(400, "Upload-Length header is required (bytes)") from err
     if length < 0 or length > TUS_MAX_SIZE:
         raise _tus_error(413, f"Upload-Length {length} is outside 0..{TUS_MAX_SIZE}")
-    metadata = parse_metadata(request.headers.get("upload-metadata"))
-    if metadata.get("kind") != "pack":
-        raise _tus_error(400, "Upload-Metadata kind must be 'pack'")
-    resource_id = metadata.get("resource_id", "")
-    res = session.get(Resource, resource_id)
-    if res is None or res.owner_id != user.id or res.state == ResourceState.DELETED:
-        raise not_found("resource", resource_id)
-    if res.state != ResourceState.UPLOADING:
-        raise ApiError(
-            409, ErrorCode.CONFLICT, f"{res.kind} {res.id} is {res.state}, not UPLOADING"
-        )
+    partial = concat_header == "partial"
+    if concat_header and not partial:
+        raise _tus_error(400, "Upload-Concat must be 'partial' or 'final;<urls>'")
+    if not partial:
+        _check_kind(res, metadata, length)
     upload = Upload(
         id=secrets.token_hex(16),
         owner_id=user.id,
         length=length,
         metadata_json=metadata,
         resource_id=res.id,
+        state=RECEIVING,
+        concat="partial" if partial else None,
+        expires_at=expires,
     )
-    _upload_path(ctx, upload.id).touch()
+    upload_path(ctx, upload.id).touch()
     session.add(upload)
     session.commit()
+    if length == 0:
+        _complete(ctx, session, upload)
+    return _created(upload)
+
+
+def _created(upload: Upload) -> Response:
     return Response(
         status_code=201,
-        headers={**TUS_HEADERS, "Location": f"/api/v1/uploads/{upload.id}", "Upload-Offset": "0"},
+        headers={
+            **TUS_HEADERS,
+            **_expires_header(upload),
+            "Location": _location(upload.id),
+            "Upload-Offset": "0" if upload.state == RECEIVING else str(upload.length),
+        },
     )
+
+
+def _offset(ctx: ServerContext, upload: Upload) -> int:
+    if upload.state != RECEIVING:
+        return upload.length
+    return upload_path(ctx, upload.id).stat().st_size
 
 
 @router.head("/{upload_id}")
 def upload_offset(upload_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Response:
-    """Current offset (tus §Core Protocol, HEAD)."""
+    """Current offset (tus §Core Protocol, HEAD); ``X-Anylearn-Upload-State`` tells the rest."""
     upload = _owned_upload(session, user, upload_id)
-    offset = _upload_path(ctx, upload.id).stat().st_size
-    return Response(
-        status_code=200,
-        headers={
-            **TUS_HEADERS,
-            "Upload-Offset": str(offset),
-            "Upload-Length": str(upload.length),
-            "Cache-Control": "no-store",
-        },
+    headers = {
+        **TUS_HEADERS,
+        **_expires_header(upload),
+        "Upload-Offset": str(_offset(ctx, upload)),
+        "Upload-Length": str(upload.length),
+        "Cache-Control": "no-store",
+        "X-Anylearn-Upload-State": upload.state,
+    }
+    if upload.concat == "partial":
+        headers["Upload-Concat"] = "partial"
+    elif upload.concat == "final":
+        headers["Upload-Concat"] = "final;" + " ".join(_location(p) for p in upload.parts or [])
+    return Response(status_code=200, headers=headers)
+
+
+@router.get("")
+def list_uploads(resource_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> list[dict]:
+    """The uploads of a dataset or model (not part of tus): state, offset and bytes received."""
+    rows = session.scalars(
+        select(Upload)
+        .where(Upload.owner_id == user.id, Upload.resource_id == resource_id)
+        .order_by(Upload.created_at)
     )
+    return [
+        {
+            "id": u.id,
+            "state": u.state,
+            "concat": u.concat,
+            "kind": u.metadata_json.get("kind"),
+            "length": u.length,
+            "offset": _offset(ctx, u) if upload_path(ctx, u.id).exists() else u.length,
+            "received_bytes": u.received_bytes,
+            "error": u.error,
+            "expires_at": iso(u.expires_at),
+        }
+        for u in rows
+    ]
 
 
 def _parse_checksum(header: str | None) -> bytes | None:
@@ -158,6 +325,63 @@ def _parse_checksum(header: str | None) -> bytes | None:
         raise _tus_error(400, "Upload-Checksum value is not base64") from err
 
 
+class _Sink:
+    """Appends one PATCH body to an upload's file on worker threads, hashing as it goes."""
+
+    def __init__(self, fd: int, start: int, upload: Upload, want_checksum: bool):
+        self.fd = fd
+        self.start = start
+        self.written = 0
+        self.checksum = hashlib.sha256() if want_checksum else None
+        self.object_hash: hashlib._Hash | None = None
+        if upload.concat is None and upload.metadata_json.get("kind") == "object":
+            with _hashers_lock:
+                covered, hasher = _object_hashers.pop(upload.id, (0, hashlib.sha256()))
+            if covered == start:
+                self.object_hash = hasher
+
+    def write(self, block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.written += len(block)
+        if self.checksum is not None:
+            self.checksum.update(block)
+        if self.object_hash is not None:
+            self.object_hash.update(block)
+
+    def keep_object_hash(self, upload_id: str) -> None:
+        if self.object_hash is not None:
+            with _hashers_lock:
+                _object_hashers[upload_id] = (self.start + self.written, self.object_hash)
+
+
+async def _receive(request: Request, sink: _Sink, limit: int, pool) -> bool:
+    """Stream the body into ``sink``; returns False if the client hung up mid-body."""
+    loop = asyncio.get_running_loop()
+    buffer = bytearray()
+    pending: asyncio.Future | None = None
+    disconnected = False
+    try:
+        async for chunk in request.stream():
+            if sink.written + len(buffer) + len(chunk) > limit:
+                raise _tus_error(400, "body runs past Upload-Length")
+            buffer += chunk
+            if len(buffer) >= WRITE_BLOCK_BYTES:
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(pool, sink.write, bytes(buffer))
+                buffer.clear()
+    except ClientDisconnect:
+        disconnected = True
+    finally:
+        if pending is not None:
+            await pending
+    if buffer:
+        await loop.run_in_executor(pool, sink.write, bytes(buffer))
+    return not disconnected
+
+
 @router.patch("/{upload_id}")
 async def append(upload_id: str, request: Request, user: CurrentUser, session: DB, ctx: Ctx):
     """Append bytes at ``Upload-Offset`` (tus §Core Protocol, PATCH)."""
@@ -165,59 +389,79 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
     upload = _owned_upload(session, user, upload_id)
     if request.headers.get("content-type") != "application/offset+octet-stream":
         raise _tus_error(415, "Content-Type must be application/offset+octet-stream")
+    if upload.concat == "final":
+        raise ApiError(403, ErrorCode.FORBIDDEN, "a final upload cannot be patched")
     expected_digest = _parse_checksum(request.headers.get("upload-checksum"))
     lock = _locks.setdefault(upload.id, asyncio.Lock())
     if lock.locked():
         raise ApiError(423, ErrorCode.CONFLICT, f"upload {upload.id} is being written")
     async with lock:
-        path = _upload_path(ctx, upload.id)
-        start = path.stat().st_size
+        path = upload_path(ctx, upload.id)
+        start = _offset(ctx, upload)
         try:
             claimed = int(request.headers["upload-offset"])
         except (KeyError, ValueError) as err:
             raise _tus_error(400, "Upload-Offset header is required") from err
         if claimed != start:
             raise ApiError(409, ErrorCode.CONFLICT, f"Upload-Offset {claimed} != offset {start}")
-        digest = hashlib.sha256()
-        written = 0
-        disconnected = False
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        sink = _Sink(fd, start, upload, expected_digest is not None)
         try:
-            try:
-                async for chunk in request.stream():
-                    if start + written + len(chunk) > upload.length:
-                        os.ftruncate(fd, start)
-                        raise _tus_error(400, f"body runs past Upload-Length {upload.length}")
-                    os.write(fd, chunk)
-                    written += len(chunk)
-                    if expected_digest is not None:
-                        digest.update(chunk)
-            except ClientDisconnect:
-                disconnected = True
-            if expected_digest is not None and (disconnected or digest.digest() != expected_digest):
+            whole = await _receive(request, sink, upload.length - start, ctx.io)
+            bad_checksum = sink.checksum is not None and (
+                not whole or sink.checksum.digest() != expected_digest
+            )
+            if bad_checksum:
                 os.ftruncate(fd, start)
-                if not disconnected:
-                    raise ApiError(460, ErrorCode.BAD_REQUEST, "Upload-Checksum mismatch")
-            os.fsync(fd)
+            else:
+                sink.keep_object_hash(upload.id)
+        except ApiError:
+            os.ftruncate(fd, start)
+            raise
         finally:
             os.close(fd)
             _locks.pop(upload.id, None)
+            upload.received_bytes += sink.written
+            upload.expires_at = utcnow() + timedelta(seconds=ctx.upload_expiry)
+            session.commit()
+        if bad_checksum and whole:
+            raise ApiError(460, ErrorCode.BAD_REQUEST, "Upload-Checksum mismatch")
     offset = path.stat().st_size
-    if offset == upload.length and not upload.completed:
-        upload.completed = True
+    if offset == upload.length and upload.state == RECEIVING:
+        _complete(ctx, session, upload)
+    return Response(
+        status_code=204,
+        headers={**TUS_HEADERS, **_expires_header(upload), "Upload-Offset": str(offset)},
+    )
+
+
+def _complete(ctx: ServerContext, session: Session, upload: Upload) -> None:
+    """All bytes are in: a partial waits for its final; anything else is verified."""
+    if upload.concat == "partial":
+        upload.state = COMPLETE
         session.commit()
-        ctx.scheduler.background.submit(process_pack, ctx, upload.id)
-    return Response(status_code=204, headers={**TUS_HEADERS, "Upload-Offset": str(offset)})
+        return
+    upload.state = VERIFYING
+    session.commit()
+    ctx.scheduler.background.submit(process_upload, ctx, upload.id)
 
 
 @router.delete("/{upload_id}", status_code=204)
 def terminate(upload_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Response:
     """Discard an upload (tus §Termination)."""
     upload = _owned_upload(session, user, upload_id)
-    _upload_path(ctx, upload.id).unlink(missing_ok=True)
-    session.delete(upload)
+    if upload.state == VERIFYING:
+        raise ApiError(409, ErrorCode.CONFLICT, f"upload {upload_id} is being verified")
+    _forget(ctx, session, upload)
     session.commit()
     return Response(status_code=204, headers=TUS_HEADERS)
+
+
+def _forget(ctx: ServerContext, session: Session, upload: Upload) -> None:
+    upload_path(ctx, upload.id).unlink(missing_ok=True)
+    with _hashers_lock:
+        _object_hashers.pop(upload.id, None)
+    session.delete(upload)
 
 
 def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> None:
@@ -238,24 +482,88 @@ def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> None:
             if stream is None:  # pragma: no cover - isreg() members always have data
                 raise ValueError(f"pack member {member.name} has no data")
             ctx.objects.ingest(stream, member.name, member.size)
+    os.sync()  # one flush for the pack's many small objects (see objects.py)
 
 
-def process_pack(ctx: ServerContext, upload_id: str) -> None:
-    """Worker-thread job run when a pack upload completes."""
+def _assemble(ctx: ServerContext, session: Session, final: Upload) -> Path:
+    """Concatenate a final upload's partials, in order, into its own file (tus §Concatenation).
+
+    The other parts are appended to the first part's file, which is then renamed; the first
+    part is cut back to its length beforehand, so a run interrupted by a restart starts over.
+    """
+    target = upload_path(ctx, final.id)
+    part_ids = final.parts or []
+    if target.exists() and target.stat().st_size == final.length:
+        return target  # assembled before a restart
+    rows = [session.get(Upload, part_id) for part_id in part_ids]
+    first = upload_path(ctx, part_ids[0])
+    os.truncate(first, rows[0].length)
+    with open(first, "ab") as out:
+        for part_id in part_ids[1:]:
+            with open(upload_path(ctx, part_id), "rb") as src:
+                while block := src.read(WRITE_BLOCK_BYTES):
+                    out.write(block)
+    os.replace(first, target)
+    for part_id, row in zip(part_ids, rows, strict=True):
+        upload_path(ctx, part_id).unlink(missing_ok=True)
+        row.state = STORED
+    return target
+
+
+def resume_verification(ctx: ServerContext) -> None:
+    """At start: verify again the uploads a stopped server was verifying."""
+    with ctx.sessions() as session:
+        pending = list(session.scalars(select(Upload.id).where(Upload.state == VERIFYING)))
+    for upload_id in pending:
+        ctx.scheduler.background.submit(process_upload, ctx, upload_id)
+
+
+def process_upload(ctx: ServerContext, upload_id: str) -> None:
+    """Worker-thread job for a complete upload: verify its objects and store them."""
     with ctx.sessions() as session:
         upload = session.get(Upload, upload_id)
-        if upload is None:
+        if upload is None or upload.state != VERIFYING:
             return
         res = session.get(Resource, upload.resource_id)
-        path = _upload_path(ctx, upload_id)
         try:
-            ingest_pack(ctx, path, res.manifest)
-        except (ValueError, tarfile.TarError, ObjectVerificationError) as err:
-            log.warning("pack %s for %s rejected: %s", upload_id, res.id, err)
-            res.state = ResourceState.ERROR
-            res.error = str(err)
+            path = _assemble(ctx, session, upload) if upload.concat == "final" else None
+            path = path or upload_path(ctx, upload.id)
+            if upload.metadata_json.get("kind") == "pack":
+                ingest_pack(ctx, path, res.manifest)
+                path.unlink(missing_ok=True)
+            else:
+                with _hashers_lock:
+                    covered, hasher = _object_hashers.pop(upload.id, (-1, None))
+                digest = hasher.hexdigest() if hasher and covered == upload.length else None
+                ctx.objects.adopt(path, upload.metadata_json["sha256"], upload.length, digest)
+        except (OSError, ValueError, tarfile.TarError, ObjectVerificationError) as err:
+            log.warning("upload %s for %s rejected: %s", upload_id, res.id, err)
+            upload.state, upload.error = FAILED, str(err)
+            res.state, res.error = ResourceState.ERROR, str(err)
+            upload_path(ctx, upload.id).unlink(missing_ok=True)
         else:
+            upload.state = STORED
             refresh_state(res, ctx.objects)
-        path.unlink(missing_ok=True)
-        session.delete(upload)
         session.commit()
+
+
+def expire_uploads(ctx: ServerContext, now: datetime | None = None) -> int:
+    """Delete uploads whose ``expires_at`` passed, and upload files no row owns.
+
+    Uploads being verified are left alone, and so are files younger than the expiry (an upload
+    being created has its file before its row). Returns the number of uploads removed.
+    """
+    now = now or datetime.now(timezone.utc)
+    removed = 0
+    with ctx.sessions() as session:
+        for upload in session.scalars(select(Upload).where(Upload.state != VERIFYING)):
+            if as_utc(upload.expires_at) <= now:
+                _forget(ctx, session, upload)
+                removed += 1
+        session.commit()
+        known = set(session.scalars(select(Upload.id)))
+    cutoff = now.timestamp() - ctx.upload_expiry
+    for path in ctx.paths.uploads.iterdir():
+        if path.name not in known and path.is_file() and path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True)
+    return removed

@@ -1,0 +1,210 @@
+"""Upload the objects a server lacks: planned into units, sent on parallel streams, journaled.
+
+The plan (deterministic, so a rerun after a crash makes the same units with the same keys):
+
+- files smaller than ``LARGE_FILE_BYTES`` travel packed, in uncompressed tars of about
+  ``PACK_BYTES`` each (:mod:`anylearn_sdk.content.pack`);
+- larger files travel alone, as ``object`` uploads; a file over ``PART_BYTES`` is cut into
+  equal parts sent as partial uploads in parallel and joined by a final upload (tus
+  §Concatenation), so one big file can use every stream.
+
+Each unit is one tus upload. Its URL is journaled in the local store right after the server
+creates it and before any byte is sent, so a process killed at any moment leaves either no
+upload (nothing was sent) or a journaled one that the next run resumes from the server's
+offset: no unit is ever sent twice, and an interrupted stream re-sends nothing the server
+acknowledged. Units run on ``ANYLEARN_UPLOAD_STREAMS`` threads (default 4), largest first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from anylearn_sdk.client.tus import Body, TusClient
+from anylearn_sdk.content.pack import PackMember, PackReader
+from anylearn_sdk.content.sources import Source, close_archives
+from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.session import SdkContext
+
+#: Files at least this large travel alone rather than packed.
+LARGE_FILE_BYTES = 8 * 1024 * 1024
+#: Target size of one pack of small files.
+PACK_BYTES = 64 * 1024 * 1024
+#: Files larger than this are cut into parts of at most this size, sent in parallel.
+PART_BYTES = 64 * 1024 * 1024
+DEFAULT_STREAMS = 4
+
+
+def upload_streams() -> int:
+    """Parallel upload streams: ``ANYLEARN_UPLOAD_STREAMS`` (default 4).
+
+    Raises:
+        InvalidArgumentError: the variable is set to something other than a positive integer.
+    """
+    raw = os.environ.get("ANYLEARN_UPLOAD_STREAMS", "")
+    if not raw:
+        return DEFAULT_STREAMS
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidArgumentError(f"ANYLEARN_UPLOAD_STREAMS={raw!r}; use a positive integer")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class SliceBody:
+    """Bytes ``start`` to ``start + length`` of a source."""
+
+    source: Source
+    start: int
+    length: int
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        take = max(0, min(size, self.length - offset))
+        return self.source.read(self.start + offset, take) if take else b""
+
+
+@dataclass
+class Unit:
+    """One tus upload of a plan.
+
+    Attributes:
+        key: stable name of the unit in the journal (same content, same key).
+        body: the bytes.
+        metadata: ``Upload-Metadata`` (``kind``, ``sha256`` and ``resource_id``).
+        sha256: for a part, the object it belongs to.
+        index: for a part, its position; ``count`` parts make the object.
+    """
+
+    key: str
+    body: Body
+    metadata: dict[str, str]
+    sha256: str | None = None
+    index: int = 0
+    count: int = 1
+
+    @property
+    def partial(self) -> bool:
+        return self.count > 1
+
+
+def plan_units(
+    resource_id: str, missing: list[str], sizes: dict[str, int], sources: dict[str, Source]
+) -> list[Unit]:
+    """Cut the ``missing`` objects into units (largest first).
+
+    Args:
+        missing: sha256 digests the server lacks.
+        sizes: sha256 → size in bytes.
+        sources: sha256 → where its bytes are.
+    """
+    units: list[Unit] = []
+    small = sorted(d for d in missing if sizes[d] < LARGE_FILE_BYTES)
+    pack: list[PackMember] = []
+    pack_bytes = 0
+    for digest in small:
+        pack.append(PackMember(digest, sizes[digest], sources[digest]))
+        pack_bytes += sizes[digest]
+        if pack_bytes >= PACK_BYTES:
+            units.append(_pack_unit(resource_id, pack))
+            pack, pack_bytes = [], 0
+    if pack:
+        units.append(_pack_unit(resource_id, pack))
+    for digest in sorted(d for d in missing if sizes[d] >= LARGE_FILE_BYTES):
+        size = sizes[digest]
+        meta = {"kind": "object", "sha256": digest, "resource_id": resource_id}
+        count = -(-size // PART_BYTES)
+        if count == 1:
+            units.append(Unit(f"object:{digest}", SliceBody(sources[digest], 0, size), meta))
+            continue
+        bounds = [size * i // count for i in range(count + 1)]
+        for i in range(count):
+            body = SliceBody(sources[digest], bounds[i], bounds[i + 1] - bounds[i])
+            units.append(
+                Unit(
+                    f"part:{digest}:{i}/{count}",
+                    body,
+                    {"resource_id": resource_id},
+                    sha256=digest,
+                    index=i,
+                    count=count,
+                )
+            )
+    units.sort(key=lambda u: -u.body.length)
+    return units
+
+
+def _pack_unit(resource_id: str, members: list[PackMember]) -> Unit:
+    reader = PackReader(members)
+    return Unit(f"pack:{reader.key}", reader, {"kind": "pack", "resource_id": resource_id})
+
+
+@dataclass
+class UploadRun:
+    """Send ``units`` for ``resource_id``, resuming journaled ones; see the module docstring."""
+
+    ctx: SdkContext
+    resource_id: str
+    units: list[Unit]
+    on_bytes: Callable[[int], None]
+    streams: int = field(default_factory=upload_streams)
+    _journal: dict[str, str] = field(default_factory=dict)
+    _parts: dict[str, dict[int, str]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sent: int = 0
+
+    def run(self) -> int:
+        """Upload every unit; returns the bytes the server stored during this call.
+
+        Raises:
+            AnylearnError: a unit failed (the first failure; units not started are cancelled).
+        """
+        self._journal = self.ctx.store.upload_units(self.ctx.server_id, self.resource_id)
+        workers = max(1, min(self.streams, len(self.units)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-tus") as pool:
+            futures = [pool.submit(self._send, unit) for unit in self.units]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in pending:
+                fut.cancel()
+            for fut in done:
+                fut.result()
+        return self._sent
+
+    def _url_for(self, tus: TusClient, unit: Unit) -> tuple[str, int]:
+        url = self._journal.get(unit.key)
+        offset = tus.offset(url) if url else None
+        if url is None or offset is None:
+            url = tus.create(unit.body.length, unit.metadata, partial=unit.partial)
+            self.ctx.store.save_upload_unit(
+                self.ctx.server_id, self.resource_id, unit.key, url, unit.body.length
+            )
+            offset = 0
+        return url, offset
+
+    def _send(self, unit: Unit) -> None:
+        tus = TusClient(self.ctx.api)
+        try:
+            url, offset = self._url_for(tus, unit)
+            sent = tus.upload_from(url, offset, unit.body, self.on_bytes)
+        finally:
+            close_archives()
+        with self._lock:
+            self._sent += sent
+            if not unit.partial:
+                return
+            assert unit.sha256 is not None
+            urls = self._parts.setdefault(unit.sha256, {})
+            urls[unit.index] = url
+            if len(urls) < unit.count:
+                return
+        self._finalize(tus, unit.sha256, [urls[i] for i in range(unit.count)])
+
+    def _finalize(self, tus: TusClient, sha256: str, urls: list[str]) -> None:
+        key = f"final:{sha256}"
+        url = self._journal.get(key)
+        if url is not None and tus.offset(url) is not None:
+            return
+        meta = {"kind": "object", "sha256": sha256, "resource_id": self.resource_id}
+        url = tus.concatenate(urls, meta)
+        self.ctx.store.save_upload_unit(self.ctx.server_id, self.resource_id, key, url, 0)
