@@ -161,6 +161,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         algorithms.router,
         resources.make_router("dataset"),
         resources.make_router("model"),
+        resources.objects_router,
         uploads.router,
         runtime.router,
         tasks.router,

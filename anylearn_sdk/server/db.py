@@ -89,6 +89,20 @@ class Algorithm(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ObjectRef(Base):
+    """A user owns a stored object: they uploaded its bytes for one of their versions.
+
+    Objects are stored once whoever sent them, but a user is told an object is present only if
+    they own it; otherwise ``missing`` would tell anyone whether someone else holds a given
+    file (the proof-of-ownership problem of cross-user dedup). A non-owner uploads the bytes,
+    which are verified and then only recorded here.
+    """
+
+    __tablename__ = "object_refs"
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class Resource(Base):
     """A dataset or model version: a manifest of content-addressed files."""
 

@@ -8,19 +8,45 @@ manifest is in the verified object store; a pack that fails verification makes i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from anylearn_sdk.protocol import ManifestEntry, manifest_checksum, validate_manifest
+from anylearn_sdk.protocol import (
+    SHA256_HEX,
+    ManifestEntry,
+    manifest_checksum,
+    validate_manifest,
+)
 from anylearn_sdk.server.api.accounts import NAME_PATTERN, owned_project
 from anylearn_sdk.server.context import DB, Ctx, CurrentUser, bad_request, not_found
-from anylearn_sdk.server.db import Resource, User, iso, new_id
+from anylearn_sdk.server.db import ObjectRef, Resource, User, iso, new_id
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.states import ResourceState
 
 KINDS = {"dataset": ("datasets", "dset"), "model": ("models", "model")}
+#: Bound parameters per query (SQLite's default limit is 999).
+SQL_BATCH = 900
+#: Most digests one ``POST /objects/missing`` may ask about.
+MAX_DIGESTS = 1_000_000
+objects_router = APIRouter(prefix="/objects", tags=["objects"])
+
+
+class DigestList(BaseModel):
+    digests: list[str] = Field(max_length=MAX_DIGESTS)
+
+
+@objects_router.post("/missing")
+def missing_objects(body: DigestList, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
+    """Which of ``digests`` the caller would have to upload (read-only; for previews)."""
+    bad = [d for d in body.digests if not SHA256_HEX.fullmatch(d)]
+    if bad:
+        raise bad_request(f"not a sha256 digest: {bad[0]!r}")
+    return {"missing": missing_for(session, ctx.objects, user.id, body.digests)}
 
 
 class NewResource(BaseModel):
@@ -66,9 +92,40 @@ def manifest_of(res: Resource) -> list[ManifestEntry]:
     return [ManifestEntry.from_json(e) for e in res.manifest]
 
 
-def refresh_state(res: Resource, objects: ObjectStore) -> list[str]:
-    """Mark ``res`` READY if every object is stored; returns the digests still missing."""
-    missing = objects.missing(e["sha256"] for e in res.manifest)
+def missing_for(
+    session: Session, objects: ObjectStore, owner_id: str, digests: Iterable[str]
+) -> list[str]:
+    """The digests (deduplicated, sorted) that ``owner_id`` does not own in the store."""
+    wanted = sorted(set(digests))
+    owned: set[str] = set()
+    for i in range(0, len(wanted), SQL_BATCH):
+        batch = wanted[i : i + SQL_BATCH]
+        owned.update(
+            session.scalars(
+                select(ObjectRef.sha256).where(
+                    ObjectRef.owner_id == owner_id, ObjectRef.sha256.in_(batch)
+                )
+            )
+        )
+    return [d for d in wanted if d not in owned or not objects.has(d)]
+
+
+def add_refs(session: Session, owner_id: str, digests: Iterable[str]) -> None:
+    """Record that ``owner_id`` uploaded (and the server verified) these objects."""
+    rows = [{"owner_id": owner_id, "sha256": d} for d in sorted(set(digests))]
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "sqlite":
+        # Two verifying threads may record the same object: insert-or-ignore, not merge.
+        session.execute(sqlite_insert(ObjectRef).on_conflict_do_nothing(), rows)
+    else:  # pragma: no cover - SQLite is the tested database
+        for row in rows:
+            session.merge(ObjectRef(**row))
+
+
+def refresh_state(session: Session, res: Resource, objects: ObjectStore) -> list[str]:
+    """Mark ``res`` READY if its owner owns every object; returns the digests still missing."""
+    missing = missing_for(session, objects, res.owner_id, (e["sha256"] for e in res.manifest))
     if not missing and res.state in (ResourceState.CREATED, ResourceState.UPLOADING):
         res.state = ResourceState.READY
     return missing
@@ -137,7 +194,7 @@ def make_router(kind: str) -> APIRouter:
             )
             session.add(res)
             response.status_code = 201
-        missing = refresh_state(res, ctx.objects)
+        missing = refresh_state(session, res, ctx.objects)
         session.commit()
         return resource_json(res, missing=missing)
 

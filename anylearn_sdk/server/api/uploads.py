@@ -50,7 +50,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from anylearn_sdk.protocol import SHA256_HEX
-from anylearn_sdk.server.api.resources import refresh_state
+from anylearn_sdk.server.api.resources import add_refs, refresh_state
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
 from anylearn_sdk.server.db import Resource, Upload, User, as_utc, iso, utcnow
 from anylearn_sdk.server.objects import ObjectVerificationError
@@ -464,14 +464,15 @@ def _forget(ctx: ServerContext, session: Session, upload: Upload) -> None:
     session.delete(upload)
 
 
-def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> None:
-    """Verify and store every member of a pack.
+def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> list[str]:
+    """Verify and store every member of a pack; returns their digests.
 
     Raises:
         ValueError: a member is not a regular file, is not named by a sha256 the manifest lists,
             has the wrong size, or its bytes do not hash to its name.
     """
     sizes = {e["sha256"]: e["size"] for e in manifest}
+    stored = []
     with tarfile.open(pack, mode="r|") as tar:
         for member in tar:
             if not member.isreg() or not SHA256_HEX.fullmatch(member.name):
@@ -482,7 +483,9 @@ def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> None:
             if stream is None:  # pragma: no cover - isreg() members always have data
                 raise ValueError(f"pack member {member.name} has no data")
             ctx.objects.ingest(stream, member.name, member.size)
+            stored.append(member.name)
     os.sync()  # one flush for the pack's many small objects (see objects.py)
+    return stored
 
 
 def _assemble(ctx: ServerContext, session: Session, final: Upload) -> Path:
@@ -529,13 +532,15 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
             path = _assemble(ctx, session, upload) if upload.concat == "final" else None
             path = path or upload_path(ctx, upload.id)
             if upload.metadata_json.get("kind") == "pack":
-                ingest_pack(ctx, path, res.manifest)
+                stored = ingest_pack(ctx, path, res.manifest)
                 path.unlink(missing_ok=True)
             else:
                 with _hashers_lock:
                     covered, hasher = _object_hashers.pop(upload.id, (-1, None))
                 digest = hasher.hexdigest() if hasher and covered == upload.length else None
-                ctx.objects.adopt(path, upload.metadata_json["sha256"], upload.length, digest)
+                sha256 = upload.metadata_json["sha256"]
+                ctx.objects.adopt(path, sha256, upload.length, digest)
+                stored = [sha256]
         except (OSError, ValueError, tarfile.TarError, ObjectVerificationError) as err:
             log.warning("upload %s for %s rejected: %s", upload_id, res.id, err)
             upload.state, upload.error = FAILED, str(err)
@@ -543,7 +548,9 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
             upload_path(ctx, upload.id).unlink(missing_ok=True)
         else:
             upload.state = STORED
-            refresh_state(res, ctx.objects)
+            add_refs(session, upload.owner_id, stored)
+            session.flush()
+            refresh_state(session, res, ctx.objects)
         session.commit()
 
 
