@@ -27,6 +27,7 @@ from anylearn_sdk.resources import (  # noqa: E402
 )
 from anylearn_sdk.session import init_sdk  # noqa: E402
 from anylearn_sdk.states import ResourceState, TaskState  # noqa: E402
+from anylearn_sdk.sync import Preview, preview_dataset, sync_dataset, sync_model  # noqa: E402
 
 __all__ = [
     "Algorithm",
@@ -34,6 +35,7 @@ __all__ = [
     "Dataset",
     "Mirror",
     "Model",
+    "Preview",
     "Project",
     "QuotaGroup",
     "RequiredLocalCommitError",
@@ -42,6 +44,9 @@ __all__ = [
     "TrainTask",
     "__version__",
     "init_sdk",
+    "preview_dataset",
     "quick_train",
     "resume_unfinished_local_train_tasks",
+    "sync_dataset",
+    "sync_model",
 ]

@@ -19,14 +19,15 @@ Tables (created by the versioned migrations below, recorded in ``_sqlite_migrati
 
 Every row that names a remote id also names the server it belongs to, by the ``server_id``
 the server reports on ``/health`` (stable across restarts and port changes). Every write is in a
-transaction (``db.atomic()``).
+transaction taken with ``BEGIN IMMEDIATE`` (:meth:`LocalStore._write`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,23 @@ class LocalStore:
             self._local.db = db
         return db
 
+    @contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """A write transaction taken with ``BEGIN IMMEDIATE``.
+
+        A deferred transaction that reads before it writes cannot wait for another thread's
+        write lock (SQLite answers "database is locked" at once rather than deadlock); taking
+        the lock up front lets the busy timeout do its job.
+        """
+        db = self.db
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.conn.rollback()
+            raise
+        db.conn.commit()
+
     def close(self) -> None:
         """Close this thread's connection."""
         db = getattr(self._local, "db", None)
@@ -213,7 +231,7 @@ class LocalStore:
             for p, s, m, i, h in rows
         ]
         if records:
-            with self.db.atomic():
+            with self._write():
                 self.db["hash_cache"].upsert_all(records, pk="path", batch_size=SQL_BATCH // 7)
 
     def folder_manifest(self, root: str) -> FolderManifest | None:
@@ -231,7 +249,7 @@ class LocalStore:
         )
 
     def save_folder_manifest(self, root: str, state: FolderManifest) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db["folder_manifests"].upsert({"root": root, **state.__dict__}, pk="root")
 
     # remote resources ----------------------------------------------------------------------
@@ -244,7 +262,7 @@ class LocalStore:
         return rows[0]["resource_id"] if rows else None
 
     def remember_resource(self, server: str, kind: str, checksum: str, resource_id: str, name: str):
-        with self.db.atomic():
+        with self._write():
             self.db["remote_resources"].upsert(
                 {
                     "server": server,
@@ -258,7 +276,7 @@ class LocalStore:
             )
 
     def forget_resource(self, server: str, kind: str, checksum: str) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 "delete from remote_resources where server = ? and kind = ? and checksum = ?",
                 [server, kind, checksum],
@@ -278,7 +296,7 @@ class LocalStore:
         self, server: str, resource_id: str, unit_key: str, url: str, length: int
     ) -> None:
         """Journal a unit's tus URL (one committed transaction, before its bytes are sent)."""
-        with self.db.atomic():
+        with self._write():
             self.db["upload_units"].upsert(
                 {
                     "server": server,
@@ -292,7 +310,7 @@ class LocalStore:
             )
 
     def drop_upload_units(self, server: str, resource_id: str) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 "delete from upload_units where server = ? and resource_id = ?",
                 [server, resource_id],
@@ -302,7 +320,7 @@ class LocalStore:
     def record_task(self, server: str, host: str, username: str | None, task: dict) -> None:
         """Record a task just created on ``server`` (its id), reached at ``host``."""
         now = time.time()
-        with self.db.atomic():
+        with self._write():
             self.db["train_tasks"].upsert(
                 {
                     "server": server,
@@ -320,7 +338,7 @@ class LocalStore:
             )
 
     def update_task_state(self, server: str, task_id: str, state: str) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 "update train_tasks set state = ?, updated_at = ? where server = ? and task_id = ?",
                 [state, time.time(), server, task_id],

@@ -46,6 +46,7 @@ def test_public_api_is_what_we_mean():
         "Dataset",
         "Mirror",
         "Model",
+        "Preview",
         "Project",
         "QuotaGroup",
         "RequiredLocalCommitError",
@@ -54,8 +55,11 @@ def test_public_api_is_what_we_mean():
         "TrainTask",
         "__version__",
         "init_sdk",
+        "preview_dataset",
         "quick_train",
         "resume_unfinished_local_train_tasks",
+        "sync_dataset",
+        "sync_model",
     }
 
 

@@ -10,6 +10,7 @@ import click
 
 from anylearn_sdk import __version__
 from anylearn_sdk.cli.auth import login
+from anylearn_sdk.cli.datasets import datasets
 from anylearn_sdk.cli.mirrors import mirrors
 from anylearn_sdk.cli.server import server
 from anylearn_sdk.cli.tasks import tasks
@@ -45,3 +46,4 @@ cli.add_command(login)
 cli.add_command(tasks)
 cli.add_command(server)
 cli.add_command(mirrors)
+cli.add_command(datasets)

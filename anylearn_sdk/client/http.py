@@ -111,6 +111,10 @@ class ApiClient:
 
     The ``requests.Session`` is created on first use and dropped in a forked child (a pool's
     sockets must not be shared across processes).
+
+    Attributes:
+        sent_bytes: request body bytes sent so far, from every thread, retries included (what a
+            submit really cost the network, manifests and uploads alike).
     """
 
     def __init__(self, host: str, token: str | None):
@@ -118,6 +122,8 @@ class ApiClient:
         self._token = token
         self._local = threading.local()
         self._pid = os.getpid()
+        self.sent_bytes = 0
+        self._count_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ApiClient(host={self.host!r})"
@@ -174,7 +180,12 @@ class ApiClient:
         url = self.url(path)
 
         def attempt() -> requests.Response:
-            response = self.session.request(method, url, timeout=timeout, **kwargs)
+            try:
+                response = self.session.request(method, url, timeout=timeout, **kwargs)
+            except requests.RequestException as err:
+                self._count(getattr(err, "request", None))
+                raise
+            self._count(response.request)
             if retry and response.status_code in RETRY_STATUSES:
                 raise _RetryableStatus(response)
             return response
@@ -197,6 +208,12 @@ class ApiClient:
         if check:
             raise_for_status(response, resource_id=resource_id)
         return response
+
+    def _count(self, prepared: requests.PreparedRequest | None) -> None:
+        body = getattr(prepared, "body", None)
+        if body:
+            with self._count_lock:
+                self.sent_bytes += len(body)
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()

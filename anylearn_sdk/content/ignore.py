@@ -65,10 +65,8 @@ class IgnoreRules:
         """True when only the default excludes apply (the walk can skip pattern matching)."""
         return self.root_spec is None and not self.specs
 
-    def enter(self, reldir: str, names: set[str] | None = None) -> None:
-        """Read ``reldir``'s ``.gitignore`` (if ``names``, the folder's entries, lists one)."""
-        if names is not None and GITIGNORE_FILE not in names:
-            return
+    def enter(self, reldir: str) -> None:
+        """Read the ``.gitignore`` of ``reldir`` (``""`` or ending in ``/``) on entering it."""
         spec = _read_spec(os.path.join(self.root, reldir, GITIGNORE_FILE))
         if spec is not None:
             self.specs[reldir] = spec

@@ -93,7 +93,7 @@ def get_ready(ctx: SdkContext, kind: str, resource_id: str, arg: str) -> Dataset
     return class_for(kind).from_json(data)
 
 
-def _known(ctx: SdkContext, kind: str, checksum: str) -> dict | None:
+def known_resource(ctx: SdkContext, kind: str, checksum: str) -> dict | None:
     """The server's version with this checksum, asking the local store first."""
     resource_id = ctx.store.remote_resource(ctx.server_id, kind, checksum)
     if resource_id is not None:
@@ -133,7 +133,7 @@ def start_sync(
 ) -> PendingUpload:
     """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``."""
     cls = class_for(kind)
-    known = _known(ctx, kind, manifest.checksum)
+    known = known_resource(ctx, kind, manifest.checksum)
     if known is not None and known["state"] == ResourceState.READY:
         ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known["id"], name)
         progress.message(

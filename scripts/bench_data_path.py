@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Benchmark the data path against references measured in the same run.
+
+Makes synthetic data (by default 10 x 100 MiB and 20,000 x 50 KiB of random bytes, their
+mtimes set an hour back like a dataset written earlier), starts a real local server on a
+random loopback port, and prints each figure as a ratio to its reference:
+
+- unchanged resubmit of the small-file dataset vs. a bare ``os.scandir`` walk + stat of it;
+- bytes sent when one small file changed vs. that file's size;
+- cold hashing (empty hash cache, warm page cache) vs. 2 x hashlib's single-core sha256 rate;
+- upload of the large files vs. ``curl -T`` of the same bytes to the same server;
+- upload of the small files vs. ``tar -cf`` of them (packing reference, for information).
+
+Usage: python scripts/bench_data_path.py [--large-count 10 --large-mib 100 --small-count 20000
+--small-kib 50] [--workdir DIR]. Needs curl and tar on PATH. Exit code 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from anylearn_sdk import init_sdk, sync_dataset
+from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.protocol import ManifestEntry, manifest_checksum
+from anylearn_sdk.session import get_context, reset
+
+ONE_MIB = 1024 * 1024
+
+
+def make_data(root: Path, count: int, size: int, per_dir: int = 1000) -> None:
+    root.mkdir(parents=True)
+    for i in range(count):
+        folder = root / f"d{i // per_dir:03d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"f{i:06d}.bin").write_bytes(os.urandom(size))
+    age(root)
+
+
+def age(root: Path) -> None:
+    when = time.time() - 3600
+    for path in root.rglob("*"):
+        os.utime(path, (when, when))
+
+
+def walk(root: str) -> int:
+    """The reference walk: os.scandir recursion and one stat per file."""
+    count = 0
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    entry.stat()
+                    count += 1
+    return count
+
+
+def best_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def raw_sha256_rate() -> float:
+    buffer = os.urandom(64 * ONE_MIB)
+    seconds = best_of(3, lambda: hashlib.sha256(buffer).digest())
+    return len(buffer) / seconds
+
+
+def warm(root: Path) -> None:
+    for path in root.rglob("*.bin"):
+        with open(path, "rb") as f:
+            while f.read(8 * ONE_MIB):
+                pass
+
+
+def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(data_dir.parent / "server.log", "w"),  # noqa: SIM115
+    )
+    address = data_dir / "server.json"
+    for _ in range(200):
+        if address.exists():
+            break
+        time.sleep(0.05)
+    url = json.loads(address.read_text())["url"]
+    admin = json.loads((data_dir / "admin-credentials.json").read_text())["token"]
+    return proc, url, admin
+
+
+def new_user(url: str, admin: str, name: str) -> str:
+    response = requests.post(
+        f"{url}/api/v1/users",
+        json={"username": name, "password": "bench-password-1"},
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    login = requests.post(
+        f"{url}/api/v1/auth/login",
+        json={"username": name, "password": "bench-password-1"},
+        timeout=30,
+    )
+    login.raise_for_status()
+    return login.json()["token"]
+
+
+def curl_upload(url: str, token: str, files: list[Path]) -> float:
+    """Seconds for ``curl -T`` to send ``files`` as tus object uploads, one after the other."""
+    auth = {"Authorization": f"Bearer {token}"}
+    entries = []
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        entries.append(ManifestEntry(path.name, path.stat().st_size, 0o644, digest))
+    checksum = manifest_checksum(entries)
+    res = requests.post(
+        f"{url}/api/v1/datasets",
+        json={"name": "curl", "checksum": checksum, "manifest": [e.to_json() for e in entries]},
+        headers=auth,
+        timeout=60,
+    ).json()
+    total = 0.0
+    for entry, path in zip(entries, files, strict=True):
+        meta = ",".join(
+            f"{k} {base64.b64encode(v.encode()).decode()}"
+            for k, v in {"kind": "object", "sha256": entry.sha256, "resource_id": res["id"]}.items()
+        )
+        created = requests.post(
+            f"{url}/api/v1/uploads",
+            headers={
+                **auth,
+                "Tus-Resumable": "1.0.0",
+                "Upload-Length": str(entry.size),
+                "Upload-Metadata": meta,
+            },
+            timeout=60,
+        )
+        created.raise_for_status()
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                "curl", "-sS", "-f", "-o", "/dev/null", "-X", "PATCH", "-T", str(path),
+                "-H", f"Authorization: Bearer {token}", "-H", "Tus-Resumable: 1.0.0",
+                "-H", "Upload-Offset: 0", "-H", "Content-Type: application/offset+octet-stream",
+                f"{url}{created.headers['Location']}",
+            ],
+            check=True,
+        )  # fmt: skip
+        total += time.perf_counter() - start
+    return total
+
+
+class PhaseClock:
+    """A progress callback that records when each phase started and ended."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, list[float]] = {}
+
+    def phase_start(self, phase: str, total: int | None, unit: str = "B") -> None:
+        self.spans[phase.split(" ")[0]] = [time.perf_counter(), 0.0]
+
+    def advance(self, phase: str, amount: int) -> None:
+        pass
+
+    def phase_end(self, phase: str) -> None:
+        self.spans[phase.split(" ")[0]][1] = time.perf_counter()
+
+    def message(self, text: str) -> None:
+        pass
+
+    def seconds(self, word: str) -> float:
+        start, end = self.spans[word]
+        return end - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large-count", type=int, default=10)
+    parser.add_argument("--large-mib", type=int, default=100)
+    parser.add_argument("--small-count", type=int, default=20_000)
+    parser.add_argument("--small-kib", type=int, default=50)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    for tool in ("curl", "tar"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is needed on PATH")
+    work = Path(tempfile.mkdtemp(prefix="anylearn-bench-", dir=args.workdir))
+    os.environ["ANYLEARN_HOME"] = str(work / "home")
+    os.environ["ANYLEARN_DISABLE_PROGRESS_BARS"] = "1"
+    large, small = work / "large", work / "small"
+    small_size = args.small_kib * 1024
+    print(f"making data in {work} ...", flush=True)
+    make_data(large, args.large_count, args.large_mib * ONE_MIB)
+    make_data(small, args.small_count, small_size)
+    large_bytes = args.large_count * args.large_mib * ONE_MIB
+    small_bytes = args.small_count * small_size
+    proc, url, admin = start_server(work / "server")
+    failures: list[str] = []
+
+    def report(name: str, value: str, ratio: float, target: str, ok: bool) -> None:
+        mark = "ok" if ok else "MISSED"
+        print(f"{name:<44} {value:>22}  ratio {ratio:6.2f}  target {target:<12} {mark}")
+        if not ok:
+            failures.append(name)
+
+    try:
+        init_sdk(url, token=new_user(url, admin, "bench"))
+        store = get_context().store
+        raw = raw_sha256_rate()
+        print(f"reference: hashlib sha256 single core {raw / 1e9:.2f} GB/s")
+
+        # Cold hashing: empty cache, warm page cache.
+        warm(large)
+        clock = PhaseClock()
+        start = time.perf_counter()
+        build_manifest(large, store, clock)
+        seconds = time.perf_counter() - start
+        rate = large_bytes / seconds
+        report("cold hashing, large files", f"{rate / 1e9:.2f} GB/s", rate / (2 * raw), ">= 0.9",
+               rate / (2 * raw) >= 0.9)  # fmt: skip
+        warm(small)
+        start = time.perf_counter()
+        build_manifest(small, store, clock)
+        seconds = time.perf_counter() - start
+        rate = small_bytes / seconds
+        report("cold hashing, small files (walk included)", f"{rate / 1e9:.2f} GB/s",
+               rate / (2 * raw), ">= 0.7", rate / (2 * raw) >= 0.7)  # fmt: skip
+
+        # Upload of the large files vs curl -T of the same bytes to the same server.
+        clock = PhaseClock()
+        start = time.perf_counter()
+        dataset = sync_dataset(large, progress=clock, resource_polling=0.2)
+        end_to_end = time.perf_counter() - start
+        upload = clock.seconds("uploading")
+        curl_seconds = curl_upload(url, new_user(url, admin, "curl"), sorted(large.rglob("*.bin")))
+        print(f"reference: curl -T {large_bytes / curl_seconds / 1e6:.0f} MB/s")
+        report("upload, large files (until acknowledged)",
+               f"{large_bytes / upload / 1e6:.0f} MB/s", curl_seconds / upload, ">= 0.8",
+               curl_seconds / upload >= 0.8)  # fmt: skip
+        print(f"  {'(end to end until READY, verification included)':<42} "
+              f"{large_bytes / end_to_end / 1e6:>19.0f} MB/s  ratio {curl_seconds / end_to_end:6.2f}"
+              f"  uploaded {dataset.uploaded_bytes} bytes")  # fmt: skip
+
+        # Upload of the small files vs tar -cf (packing reference).
+        tar_seconds = best_of(1, lambda: subprocess.run(
+            f"tar -cf - -C {small} . | cat > /dev/null", shell=True, check=True))  # fmt: skip  # noqa: S602
+        clock = PhaseClock()
+        start = time.perf_counter()
+        sync_dataset(small, progress=clock, resource_polling=0.2)
+        seconds = time.perf_counter() - start
+        print(f"{'upload, small files, end to end (info)':<44} "
+              f"{small_bytes / seconds / 1e6:>17.0f} MB/s  ratio to tar -cf {tar_seconds / seconds:5.2f}")  # fmt: skip
+
+        # Unchanged resubmit.
+        walk_seconds = best_of(5, lambda: walk(str(small)))
+        api = get_context().api
+        before = api.sent_bytes
+        resubmit = best_of(5, lambda: sync_dataset(small, progress=False))
+        print(f"reference: os.scandir walk + stat of {args.small_count} files "
+              f"{walk_seconds * 1000:.0f} ms")  # fmt: skip
+        report("unchanged resubmit, small files", f"{resubmit * 1000:.0f} ms",
+               resubmit / walk_seconds, "<= 1.5", resubmit / walk_seconds <= 1.5)  # fmt: skip
+        report("unchanged resubmit, end to end", f"{resubmit * 1000:.0f} ms", resubmit / 0.3,
+               "< 0.3 s", resubmit < 0.3)  # fmt: skip
+        print(f"  request bytes sent by 5 unchanged resubmits: {api.sent_bytes - before}")
+
+        # One changed file.
+        changed = next(iter(sorted(small.rglob("*.bin"))))
+        changed.write_bytes(os.urandom(small_size))
+        before = api.sent_bytes
+        result = sync_dataset(small, progress=False, resource_polling=0.2)
+        sent = api.sent_bytes - before
+        report("one changed file: bytes sent (all requests)", f"{sent} B",
+               sent / small_size, "<= size+1MiB", sent <= small_size + ONE_MIB)  # fmt: skip
+        print(f"  of which file content through tus: {result.uploaded_bytes} bytes")
+    finally:
+        reset()
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    print("all targets met" if not failures else f"missed: {', '.join(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
