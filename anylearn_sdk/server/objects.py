@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +43,8 @@ class ObjectStore:
         self.root = root
         self.tmp = root / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        for prefix in range(256):  # every fan-out folder up front: no mkdir per object
+            (root / f"{prefix:02x}").mkdir(exist_ok=True)
 
     def path_for(self, sha256: str) -> Path:
         if not SHA256_HEX.fullmatch(sha256):
@@ -58,6 +61,9 @@ class ObjectStore:
     def ingest(self, stream: BinaryIO, sha256: str, size: int) -> bool:
         """Store ``size`` bytes read from ``stream`` as object ``sha256``.
 
+        The bytes go to a temporary file created read-only (0o444) and named after the object
+        and the thread, which is renamed into place once its digest matched.
+
         Returns:
             True if a new object was written, False if it was already present (the stream is
             still consumed and verified, so a pack's later members stay aligned).
@@ -68,30 +74,32 @@ class ObjectStore:
         target = self.path_for(sha256)
         digest = hashlib.sha256()
         written = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp)
+        present = target.is_file()
+        tmp_name = self.tmp / f"{sha256}.{threading.get_ident()}"
+        fd = -1 if present else os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         try:
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    block = stream.read(COPY_BLOCK_BYTES)
-                    if not block:
-                        break
-                    digest.update(block)
-                    out.write(block)
-                    written += len(block)
+            while block := stream.read(COPY_BLOCK_BYTES):
+                digest.update(block)
+                written += len(block)
+                view = memoryview(block)
+                while fd >= 0 and view:
+                    view = view[os.write(fd, view) :]
             if written != size or digest.hexdigest() != sha256:
                 raise ObjectVerificationError(
                     f"object {sha256} failed verification: got {written} bytes "
                     f"with sha256 {digest.hexdigest()}"
                 )
-            if target.is_file():
+            if present:
                 return False
-            target.parent.mkdir(exist_ok=True)
-            os.chmod(tmp_name, 0o444)
+            os.close(fd)
+            fd = -1
             os.replace(tmp_name, target)
             return True
         finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
+            if fd >= 0:
+                os.close(fd)
+            if not present:
+                tmp_name.unlink(missing_ok=True)
 
     def adopt(self, path: Path, sha256: str, size: int, digest: str | None = None) -> bool:
         """Move the complete file at ``path`` into the store as object ``sha256``, without copying.
@@ -120,7 +128,6 @@ class ObjectStore:
                 return False
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            target.parent.mkdir(exist_ok=True)
             os.chmod(path, 0o444)
             os.replace(path, target)
             return True
