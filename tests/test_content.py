@@ -1,0 +1,227 @@
+"""Local content rules: ignore files, the racy-stat guard, archives hashed in place."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import time
+import zipfile
+
+import pytest
+
+from anylearn_sdk.content.archive import archive_manifest
+from anylearn_sdk.content.manifest import build_manifest, scan
+from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.store import LocalStore
+from conftest import age
+
+
+def write(root, rel, data=b"x"):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def kept(root):
+    return sorted(k[0] for k in scan(root))
+
+
+def test_default_excludes(tmp_path):
+    for rel in ("a.py", ".git/config", "sub/__pycache__/m.pyc", ".venv/bin/python",
+                "sub/.DS_Store", "sub/x.pyc", "sub/keep.txt"):  # fmt: skip
+        write(tmp_path, rel)
+    assert kept(tmp_path) == ["a.py", "sub/keep.txt"]
+
+
+def test_gitignore_semantics(tmp_path):
+    write(tmp_path, ".gitignore", b"*.log\n!keep.log\nbuild/\n/top.txt\ndeep/**/tmp\n")
+    for rel in ("a.log", "keep.log", "x/b.log", "build/out.bin", "x/build/o.bin", "top.txt",
+                "x/top.txt", "deep/a/b/tmp", "deep/tmpx", "build.txt"):  # fmt: skip
+        write(tmp_path, rel)
+    assert kept(tmp_path) == [
+        ".gitignore", "build.txt", "deep/tmpx", "keep.log", "x/top.txt"
+    ]  # fmt: skip
+
+
+def test_nested_gitignore_overrides_the_parent(tmp_path):
+    write(tmp_path, ".gitignore", b"*.csv\n")
+    write(tmp_path, "data/.gitignore", b"!train.csv\n")
+    for rel in ("a.csv", "data/train.csv", "data/test.csv"):
+        write(tmp_path, rel)
+    assert kept(tmp_path) == [".gitignore", "data/.gitignore", "data/train.csv"]
+
+
+def test_file_in_ignored_folder_cannot_be_reincluded_by_gitignore(tmp_path):
+    write(tmp_path, ".gitignore", b"cache/\n!cache/keep.bin\n")
+    write(tmp_path, "cache/keep.bin")
+    assert kept(tmp_path) == [".gitignore"]
+
+
+def test_anylearnignore_wins_over_gitignore(tmp_path):
+    # The data a repository keeps out of git is exactly what a dataset upload needs.
+    write(tmp_path, ".gitignore", b"*.bin\nnotes.md\n")
+    write(tmp_path, ".anylearnignore", b"!*.bin\nscratch/\n")
+    for rel in ("weights.bin", "notes.md", "scratch/s.bin", "readme.txt"):
+        write(tmp_path, rel)
+    assert kept(tmp_path) == [".anylearnignore", ".gitignore", "readme.txt", "weights.bin"]
+
+
+def test_racy_file_is_hashed_again(tmp_path):
+    """A same-size rewrite keeping the mtime is caught while the mtime is within the margin."""
+    store = LocalStore(tmp_path / "home")
+    data = tmp_path / "data"
+    path = write(data, "a.bin", b"A" * 4096)
+    first = build_manifest(data, store)
+    st = path.stat()
+    path.write_bytes(b"B" * 4096)  # same size; same inode
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime: a racy write
+    assert path.stat().st_ino == st.st_ino
+    second = build_manifest(data, store)
+    assert second.checksum != first.checksum
+    assert second.hashed_bytes == 4096
+
+
+def test_old_unchanged_file_is_not_read_again(tmp_path):
+    store = LocalStore(tmp_path / "home")
+    data = tmp_path / "data"
+    write(data, "a.bin", b"A" * 4096)
+    write(data, "sub/b.bin", b"B" * 100)
+    age(data)
+    first = build_manifest(data, store)
+    assert first.hashed_bytes == 4196
+    again = build_manifest(data, store)
+    assert again.from_fingerprint and again.hashed_bytes == 0
+    assert again.checksum == first.checksum
+    assert [e.to_json() for e in again.entries] == [e.to_json() for e in first.entries]
+
+
+def test_parallel_hashing_matches_hashlib(tmp_path):
+    import hashlib
+
+    data = tmp_path / "data"
+    blobs = {f"s{i}.bin": os.urandom(i * 997) for i in range(300)}
+    blobs["large.bin"] = os.urandom(9 * 1024 * 1024)
+    for rel, blob in blobs.items():
+        write(data, rel, blob)
+    manifest = build_manifest(data, None)
+    assert {e.path: e.sha256 for e in manifest.entries} == {
+        rel: hashlib.sha256(blob).hexdigest() for rel, blob in blobs.items()
+    }
+
+
+# archives --------------------------------------------------------------------------------
+def tar_with(tmp_path, *infos: tuple[tarfile.TarInfo, bytes | None]):
+    path = tmp_path / "data.tar"
+    with tarfile.open(path, "w") as tar:
+        for info, data in infos:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def member(name, kind=tarfile.REGTYPE, mode=0o644, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, linkname
+    return info
+
+
+UNSAFE_TAR = {
+    "dotdot": [(member("../evil.txt"), b"x")],
+    "absolute": [(member("/etc/evil.txt"), b"x")],
+    "symlink_out": [(member("link", tarfile.SYMTYPE, linkname="../../etc/passwd"), None)],
+    "symlink_absolute": [(member("link", tarfile.SYMTYPE, linkname="/etc/passwd"), None)],
+    "hardlink_out": [(member("hard", tarfile.LNKTYPE, linkname="../outside"), None)],
+    "char_device": [(member("dev", tarfile.CHRTYPE), None)],
+    "block_device": [(member("blk", tarfile.BLKTYPE), None)],
+    "fifo": [(member("pipe", tarfile.FIFOTYPE), None)],
+    "setuid": [(member("run.sh", mode=0o4755), b"#!/bin/sh\n")],
+    "setgid": [(member("run.sh", mode=0o2755), b"#!/bin/sh\n")],
+    "duplicate": [(member("a.txt"), b"1"), (member("a.txt"), b"2")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE_TAR))
+def test_unsafe_tar_member_is_refused(tmp_path, case):
+    path = tar_with(tmp_path, (member("ok.txt"), b"fine"), *UNSAFE_TAR[case])
+    with pytest.raises(InvalidArgumentError, match=r"dataset_archive data\.tar: member"):
+        archive_manifest(path, None)
+
+
+def zip_with(tmp_path, name, data, mode):
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ok.txt", b"fine")
+        info = zipfile.ZipInfo(name)
+        info.external_attr = mode << 16
+        zf.writestr(info, data)
+    return path
+
+
+UNSAFE_ZIP = {
+    "dotdot": ("../evil.txt", b"x", stat.S_IFREG | 0o644),
+    "absolute": ("/evil.txt", b"x", stat.S_IFREG | 0o644),
+    "symlink_out": ("link", b"../../etc/passwd", stat.S_IFLNK | 0o777),
+    "symlink_absolute": ("link", b"/etc/passwd", stat.S_IFLNK | 0o777),
+    "char_device": ("dev", b"", stat.S_IFCHR | 0o644),
+    "fifo": ("pipe", b"", stat.S_IFIFO | 0o644),
+    "setuid": ("run.sh", b"#!/bin/sh\n", stat.S_IFREG | 0o4755),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE_ZIP))
+def test_unsafe_zip_member_is_refused(tmp_path, case):
+    path = zip_with(tmp_path, *UNSAFE_ZIP[case])
+    with pytest.raises(InvalidArgumentError, match=r"dataset_archive data\.zip"):
+        archive_manifest(path, None)
+
+
+def folder_and_archives(tmp_path):
+    data = tmp_path / "data"
+    write(data, "a.txt", b"alpha\n")
+    write(data, "sub/b.bin", os.urandom(70_000))
+    (data / "run.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    (data / "run.sh").chmod(0o755)
+    tgz = tmp_path / "data.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for rel in ("a.txt", "sub/b.bin", "run.sh"):
+            tar.add(data / rel, arcname=rel)
+    zpath = tmp_path / "data.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        for rel in ("a.txt", "sub/b.bin", "run.sh"):
+            zf.write(data / rel, rel)
+    return data, tgz, zpath
+
+
+def test_archive_manifest_equals_the_folder_manifest(tmp_path):
+    data, tgz, zpath = folder_and_archives(tmp_path)
+    expected = build_manifest(data, None).checksum
+    assert archive_manifest(tgz, None).checksum == expected
+    assert archive_manifest(zpath, None).checksum == expected
+
+
+def test_link_inside_the_archive_stands_for_its_target(tmp_path):
+    path = tar_with(
+        tmp_path,
+        (member("data/a.txt"), b"alpha"),
+        (member("data/alias.txt", tarfile.SYMTYPE, linkname="a.txt"), None),
+        (member("data/hard.txt", tarfile.LNKTYPE, linkname="data/a.txt"), None),
+    )
+    manifest = archive_manifest(path, None)
+    digests = {e.path: e.sha256 for e in manifest.entries}
+    assert digests["data/alias.txt"] == digests["data/a.txt"] == digests["data/hard.txt"]
+    source = manifest.sources[digests["data/a.txt"]]
+    assert source.read(1, 3) == b"lph"
+
+
+def test_unchanged_archive_is_not_read_again(tmp_path):
+    store = LocalStore(tmp_path / "home")
+    _, tgz, _ = folder_and_archives(tmp_path)
+    when = time.time() - 3600
+    os.utime(tgz, (when, when))
+    first = archive_manifest(tgz, store)
+    again = archive_manifest(tgz, store)
+    assert again.from_fingerprint and again.checksum == first.checksum
