@@ -10,12 +10,12 @@ import time
 import zipfile
 
 import pytest
+from conftest import age
 
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import build_manifest, scan
 from anylearn_sdk.errors import InvalidArgumentError
 from anylearn_sdk.store import LocalStore
-from conftest import age
 
 
 def write(root, rel, data=b"x"):

@@ -120,7 +120,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        ctx.scheduler.add_periodic(UPLOAD_SWEEP_SECONDS, lambda: uploads.expire_uploads(ctx))
+        sweep = min(UPLOAD_SWEEP_SECONDS, ctx.upload_expiry)
+        ctx.scheduler.add_periodic(sweep, lambda: uploads.expire_uploads(ctx))
         ctx.scheduler.start()
         uploads.resume_verification(ctx)
         try:

@@ -1,0 +1,274 @@
+"""The data path against the real backend: per-file dedup, parallel parts, archives, expiry."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+
+import pytest
+import requests
+from click.testing import CliRunner
+from conftest import age
+
+from anylearn_sdk import preview_dataset, sync_dataset
+from anylearn_sdk.cli.main import cli
+from anylearn_sdk.client.tus import TUS_VERSION, TusClient, encode_metadata
+from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.resources import upload
+from anylearn_sdk.resources.upload import SliceBody
+from anylearn_sdk.session import get_context, init_sdk
+
+pytestmark = pytest.mark.integration
+
+
+def make_folder(root, small=50, small_size=3000, large=()):
+    root.mkdir(parents=True)
+    for i in range(small):
+        (root / f"s{i:03d}.bin").write_bytes(os.urandom(small_size))
+    for i, size in enumerate(large):
+        (root / f"large{i}.bin").write_bytes(os.urandom(size))
+    age(root)
+    return root
+
+
+def wait_state(ctx, resource_id, *, not_in=("UPLOADING",), timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = ctx.api.get_json(f"/datasets/{resource_id}")
+        if data["state"] not in not_in:
+            return data
+        time.sleep(0.05)
+    raise AssertionError(f"{resource_id} still {data['state']}")
+
+
+def test_one_changed_file_sends_only_that_file(user, tmp_path):
+    data = make_folder(tmp_path / "data", small=300, small_size=20_000)
+    first = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert first.state == "READY" and first.file_count == 300
+    api = get_context().api
+    (data / "s007.bin").write_bytes(os.urandom(20_000))
+    before = api.sent_bytes
+    second = sync_dataset(data, progress=False, resource_polling=0.1)
+    sent = api.sent_bytes - before
+    assert second.id != first.id and second.state == "READY"
+    assert 20_000 <= second.uploaded_bytes <= 20_000 + 4096  # the file, in a one-member pack
+    assert sent <= 20_000 + 1024 * 1024  # manifest and every request included
+    again = sync_dataset(data, progress=False)
+    assert again.id == second.id and again.uploaded_bytes == 0
+
+
+def test_large_file_travels_in_parallel_parts(user, tmp_path, monkeypatch):
+    monkeypatch.setattr(upload, "LARGE_FILE_BYTES", 256 * 1024)
+    monkeypatch.setattr(upload, "PART_BYTES", 1024 * 1024)
+    data = make_folder(tmp_path / "data", small=20, large=(3_500_000, 600_000))
+    result = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert result.state == "READY"
+    uploads = get_context().api.get_json("/uploads", params={"resource_id": result.id})
+    kinds = sorted((u["concat"] or u["kind"]) for u in uploads)
+    assert kinds == ["final", "object", "pack", "partial", "partial", "partial", "partial"]
+    assert all(u["state"] == "STORED" for u in uploads)
+    assert sum(u["length"] for u in uploads if u["concat"] != "final") == sum(
+        u["received_bytes"] for u in uploads
+    )
+
+
+def test_tus_concatenation_by_hand(user, tmp_path):
+    blob = os.urandom(3 * 1024 * 1024 + 5)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "blob.bin").write_bytes(blob)
+    ctx = get_context()
+    manifest = build_manifest(tmp_path / "d", None)
+    res = ctx.api.post_json(
+        "/datasets",
+        {"name": "d", "checksum": manifest.checksum,
+         "manifest": [e.to_json() for e in manifest.entries]},
+    )  # fmt: skip
+    tus = TusClient(ctx.api)
+    source = manifest.sources[manifest.entries[0].sha256]
+    cut = 1024 * 1024
+    urls = []
+    for start, end in ((0, cut), (cut, len(blob))):
+        url = tus.create(end - start, {"resource_id": res["id"]}, partial=True)
+        tus.upload(url, SliceBody(source, start, end - start))
+        urls.append(url)
+    meta = {"kind": "object", "sha256": hashlib.sha256(blob).hexdigest(), "resource_id": res["id"]}
+    final = tus.concatenate(urls, meta)
+    assert tus.concatenate(urls, meta) == final  # idempotent: a crashed client may ask again
+    head = ctx.api.request("HEAD", final, headers={"Tus-Resumable": TUS_VERSION})
+    assert head.headers["Upload-Concat"] == "final;" + " ".join(urls)
+    assert head.headers["Upload-Length"] == str(len(blob))
+    assert wait_state(ctx, res["id"])["state"] == "READY"
+
+
+def test_final_of_incomplete_parts_is_refused(user, tmp_path):
+    data = make_folder(tmp_path / "d", small=1, small_size=10)
+    ctx = get_context()
+    manifest = build_manifest(data, None)
+    res = ctx.api.post_json(
+        "/datasets",
+        {"name": "d", "checksum": manifest.checksum,
+         "manifest": [e.to_json() for e in manifest.entries]},
+    )  # fmt: skip
+    tus = TusClient(ctx.api)
+    part = tus.create(10, {"resource_id": res["id"]}, partial=True)
+    meta = encode_metadata({"kind": "pack", "resource_id": res["id"]})
+    response = ctx.api.request(
+        "POST", "/uploads", check=False,
+        headers={"Tus-Resumable": TUS_VERSION, "Upload-Concat": f"final;{part}",
+                 "Upload-Metadata": meta},
+    )  # fmt: skip
+    assert response.status_code == 400 and "not complete" in response.json()["error"]["message"]
+
+
+def test_archive_syncs_without_extraction_and_dedups_with_its_folder(user, tmp_path):
+    data = make_folder(tmp_path / "data", small=30)
+    zpath = tmp_path / "data.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(data.iterdir()):
+            zf.write(path, path.name)
+    from_zip = sync_dataset(dataset_archive=zpath, progress=False, resource_polling=0.1)
+    assert from_zip.state == "READY" and from_zip.file_count == 30
+    from_folder = sync_dataset(data, progress=False)
+    assert from_folder.id == from_zip.id and from_folder.uploaded_bytes == 0
+
+
+def test_server_refuses_a_manifest_path_leaving_the_dataset(user):
+    ctx = get_context()
+    before = ctx.api.get_json("/datasets")
+    entry = {"path": "../evil", "size": 1, "mode": 0o644, "sha256": "0" * 64}
+    response = ctx.api.request(
+        "POST", "/datasets", json={"name": "x", "checksum": "0" * 64, "manifest": [entry]},
+        check=False,
+    )  # fmt: skip
+    assert response.status_code == 400 and "'..'" in response.json()["error"]["message"]
+    setuid = {**entry, "path": "run.sh", "mode": 0o4755}
+    response = ctx.api.request(
+        "POST", "/datasets", json={"name": "x", "checksum": "0" * 64, "manifest": [setuid]},
+        check=False,
+    )  # fmt: skip
+    assert response.status_code == 400 and "mode 4755" in response.json()["error"]["message"]
+    assert ctx.api.get_json("/datasets") == before
+
+
+def test_server_refuses_a_link_member_in_a_pack(user, tmp_path):
+    data = make_folder(tmp_path / "d", small=1, small_size=10)
+    ctx = get_context()
+    manifest = build_manifest(data, None)
+    res = ctx.api.post_json(
+        "/datasets",
+        {"name": "d", "checksum": manifest.checksum,
+         "manifest": [e.to_json() for e in manifest.entries]},
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(manifest.entries[0].sha256)
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    body = buffer.getvalue()
+
+    class Fixed:
+        length = len(body)
+
+        def read_at(self, offset, size):
+            return body[offset : offset + size]
+
+    tus = TusClient(ctx.api)
+    url = tus.create(len(body), {"kind": "pack", "resource_id": res["id"]})
+    tus.upload(url, Fixed())
+    final = wait_state(ctx, res["id"])
+    assert final["state"] == "ERROR" and "not a regular object file" in final["error"]
+
+
+def test_objects_of_another_user_must_be_uploaded_again(user, backend, tmp_path):
+    data = make_folder(tmp_path / "data", small=5)
+    sync_dataset(data, progress=False, resource_polling=0.1)
+    name = f"other{os.getpid()}{time.monotonic_ns() % 10**6}"
+    backend.admin("POST", "/users", json={"username": name, "password": "pw-123456"})
+    token = requests.post(
+        f"{backend.url}/api/v1/auth/login",
+        json={"username": name, "password": "pw-123456"},
+        timeout=30,
+    ).json()["token"]
+    init_sdk(backend.url, token=token)
+    digests = sorted(e.sha256 for e in build_manifest(data, None).entries)
+    # Whether someone else holds a file is not revealed: all five count as missing.
+    assert get_context().api.post_json("/objects/missing", {"digests": digests})["missing"] == (
+        digests
+    )
+    other = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert other.state == "READY" and other.uploaded_bytes > 0
+
+
+def test_preview_counts_without_creating(user, tmp_path):
+    data = make_folder(tmp_path / "data", small=12, small_size=1000, large=(50_000,))
+    (data / ".anylearnignore").write_text("s00*.bin\n")
+    age(data)
+    ctx = get_context()
+    before = ctx.api.get_json("/datasets")
+    preview = preview_dataset(data)
+    assert preview.file_count == 4  # s010, s011, large0, .anylearnignore
+    assert preview.biggest[0] == ("large0.bin", 50_000)
+    assert preview.known_id is None and preview.upload_files == 4
+    assert preview.upload_bytes >= preview.total_bytes
+    assert ctx.api.get_json("/datasets") == before
+    sync_dataset(data, progress=False, resource_polling=0.1)
+    result = CliRunner().invoke(cli, ["datasets", "preview", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["known_id"] and shown["upload_bytes"] == 0 and shown["hashed_bytes"] == 0
+    result = CliRunner().invoke(cli, ["datasets", "preview", str(data)])
+    assert "nothing to upload" in result.output and "large0.bin" in result.output
+
+
+def test_stale_uploads_expire(tmp_path):
+    """A server with a 1 s expiry answers 410 for a stale upload, then sweeps it."""
+    data_dir = tmp_path / "server"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
+         "--upload-expiry", "1"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if (data_dir / "server.json").exists():
+                break
+            time.sleep(0.05)
+        url = json.loads((data_dir / "server.json").read_text())["url"]
+        token = json.loads((data_dir / "admin-credentials.json").read_text())["token"]
+        init_sdk(url, token=token)
+        folder = make_folder(tmp_path / "d", small=1, small_size=100)
+        ctx = get_context()
+        manifest = build_manifest(folder, None)
+        res = ctx.api.post_json(
+            "/datasets",
+            {"name": "d", "checksum": manifest.checksum,
+             "manifest": [e.to_json() for e in manifest.entries]},
+        )  # fmt: skip
+        tus = TusClient(ctx.api)
+        upload_url = tus.create(100, {"kind": "pack", "resource_id": res["id"]})
+        head = ctx.api.request("HEAD", upload_url, headers={"Tus-Resumable": TUS_VERSION})
+        assert "GMT" in head.headers["Upload-Expires"]
+        time.sleep(1.2)
+        gone = ctx.api.request(
+            "HEAD", upload_url, headers={"Tus-Resumable": TUS_VERSION}, check=False
+        )
+        assert gone.status_code == 410
+        upload_file = data_dir / "uploads" / upload_url.rsplit("/", 1)[-1]
+        deadline = time.monotonic() + 10
+        while upload_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not upload_file.exists()
+        swept = ctx.api.request(
+            "HEAD", upload_url, headers={"Tus-Resumable": TUS_VERSION}, check=False
+        )
+        assert swept.status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
