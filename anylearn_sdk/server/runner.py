@@ -68,7 +68,9 @@ def serve(
     url = f"http://{shown_host}:{bound_port}"
     address_file = data_dir / ADDRESS_FILE
     write_private_json(address_file, {"url": url, "pid": os.getpid()})
-    config = uvicorn.Config(create_app(ctx), log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(ctx), log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])

@@ -67,6 +67,8 @@ TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
 #: Bytes gathered from the request stream before one write on a worker thread.
 WRITE_BLOCK_BYTES = 4 * 1024 * 1024
 KINDS = ("object", "pack")
+#: A PATCH whose body stalls this long (seconds) ends as if the client hung up.
+BODY_IDLE_SECONDS = 30.0
 
 RECEIVING, COMPLETE, VERIFYING, STORED, FAILED, CONSUMED = (
     "RECEIVING",
@@ -356,6 +358,19 @@ class _Sink:
                 _object_hashers[upload_id] = (self.start + self.written, self.object_hash)
 
 
+async def _body_chunks(request: Request):
+    """The request body, ending early (as a disconnect) if no byte arrives for
+    ``BODY_IDLE_SECONDS``: a half-open connection must not hold an upload's lock forever."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            yield await asyncio.wait_for(stream.__anext__(), BODY_IDLE_SECONDS)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as err:
+            raise ClientDisconnect() from err
+
+
 async def _receive(request: Request, sink: _Sink, limit: int, pool) -> bool:
     """Stream the body into ``sink``; returns False if the client hung up mid-body."""
     loop = asyncio.get_running_loop()
@@ -363,7 +378,7 @@ async def _receive(request: Request, sink: _Sink, limit: int, pool) -> bool:
     pending: asyncio.Future | None = None
     disconnected = False
     try:
-        async for chunk in request.stream():
+        async for chunk in _body_chunks(request):
             if sink.written + len(buffer) + len(chunk) > limit:
                 raise _tus_error(400, "body runs past Upload-Length")
             buffer += chunk

@@ -1,0 +1,163 @@
+"""Uploads survive SIGKILL of the client at random points and connections dropped mid-part."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, age
+
+from anylearn_sdk import sync_dataset
+from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.session import get_context, init_sdk
+
+pytestmark = pytest.mark.integration
+CHILD_CHUNK = 128 * 1024  # tus.UPLOAD_CHUNK_BYTES in the child
+STREAMS = 4
+
+
+def make_dataset(root: Path) -> Path:
+    root.mkdir()
+    for i in range(3):
+        (root / f"large{i}.bin").write_bytes(os.urandom(6 * 1024 * 1024))  # 2 parts each
+    (root / "medium.bin").write_bytes(os.urandom(2 * 1024 * 1024))  # one object upload
+    for i in range(200):
+        (root / f"small{i:03d}.bin").write_bytes(os.urandom(20_000))  # 2 packs
+    age(root)
+    return root
+
+
+def run_child(user, folder: Path, kill_after_events: int | None, delay: float = 0.0) -> bool:
+    """Run the child; SIGKILL it ``delay`` seconds after its n-th progress line (if n is
+    given; 0 means as soon as the upload phase starts). Returns True if it was killed."""
+    env = {**os.environ, "ANYLEARN_TOKEN": user.token}
+    proc = subprocess.Popen(
+        [sys.executable, str(FIXTURES / "sync_child.py"), user.backend.url, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    events = 0
+    for line in proc.stdout:
+        events += line.startswith("sent")
+        due = line.startswith("phase uploading") if kill_after_events == 0 else events
+        if kill_after_events is not None and due and events >= kill_after_events:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    code = proc.wait(timeout=120)
+    assert code in (0, -signal.SIGKILL), f"child exited {code}"
+    return code == -signal.SIGKILL
+
+
+def test_sigkill_at_random_points_never_corrupts_and_resends_little(user, tmp_path):
+    folder = make_dataset(tmp_path / "data")
+    rnd = random.Random(int(os.environ.get("ANYLEARN_TEST_SEED", "20261121")))
+    kills = 0
+    for i in range(20):
+        # Every fourth run dies as its upload phase starts (journal being written); the others
+        # after a random number of acknowledged chunks, plus up to 20 ms (mid-chunk).
+        events = 0 if i % 4 == 0 else rnd.randint(1, 10)
+        kills += run_child(user, folder, events, rnd.uniform(0, 0.02))
+    assert kills == 20, "every run should have been killed before finishing"
+    assert run_child(user, folder, None) is False  # the last run finishes
+
+    ctx = get_context()
+    manifest = build_manifest(folder, None)
+    found = ctx.api.get_json("/datasets", params={"checksum": manifest.checksum})
+    assert [d["state"] for d in found] == ["READY"]
+    # Every object is on the server and its bytes hash to its name.
+    for entry in manifest.entries:
+        path = user.backend.data_dir / "objects" / entry.sha256[:2] / entry.sha256[2:]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256
+    # Bytes that reached the server more than once: at most one chunk per stream per kill.
+    uploads = ctx.api.get_json("/uploads", params={"resource_id": found[0]["id"]})
+    received = sum(u["received_bytes"] for u in uploads)
+    needed = sum(
+        u["length"] for u in uploads if u["concat"] != "final" and u["state"] != "RECEIVING"
+    )
+    assert received - needed <= kills * STREAMS * CHILD_CHUNK, (received, needed, kills)
+
+
+class DroppingProxy:
+    """A TCP proxy that resets the connection carrying the upload every ``every`` bytes."""
+
+    def __init__(self, target: tuple[str, int], every: int):
+        self.target, self.every = target, every
+        self.forwarded = 0
+        self.drops = 0
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _reset(self, *socks: socket.socket) -> None:
+        # shutdown() acts at once even while the other pump thread is blocked in recv() on the
+        # same socket (close() alone would wait for that recv to return).
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
+        try:
+            while data := src.recv(256 * 1024):
+                if upload:
+                    with self.lock:
+                        before = self.forwarded
+                        self.forwarded += len(data)
+                        crossed = before // self.every != self.forwarded // self.every
+                        if crossed:
+                            self.drops += 1
+                    if crossed:
+                        self._reset(src, dst)
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._reset(src, dst)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_upload_survives_a_connection_reset_every_50_mb(user, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(150 * 1024 * 1024))
+    for i in range(100):
+        (folder / f"s{i}.bin").write_bytes(os.urandom(30_000))
+    age(folder)
+    host, port = user.backend.url.removeprefix("http://").rsplit(":", 1)
+    proxy = DroppingProxy((host, int(port)), 50 * 1000 * 1000)
+    try:
+        init_sdk(f"http://127.0.0.1:{proxy.port}", token=user.token)
+        result = sync_dataset(folder, progress=False, resource_polling=0.1)
+    finally:
+        proxy.close()
+    assert result.state == "READY"
+    assert result.checksum == build_manifest(folder, None).checksum
+    assert proxy.drops >= 3
