@@ -11,6 +11,12 @@ Nothing here changes the user's branch, index, HEAD or ``.git/config``:
 * a folder that is not a git repository is snapshotted the same way through a scratch git
   directory under ``ANYLEARN_HOME/snapshots``, never creating ``.git`` in the folder.
 
+What counts as part of the code follows git: ``.gitignore`` files, plus an ``.anylearnignore``
+at the folder's root and the default excludes (``__pycache__/``, ``*.pyc``, ``.venv/``,
+``.DS_Store``), handed to git as its ``core.excludesFile`` (after the user's own global
+excludes) for this process only. Like ``.gitignore``, they leave out untracked files (which
+then do not make the tree dirty either); a file committed at HEAD stays part of HEAD.
+
 The push sends ``<sha>:refs/anylearn/commits/<sha>`` with the token in an
 ``http.extraHeader`` passed through ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n`` environment
 variables (git-config(1), "ENVIRONMENT"), so it is in no URL, argv or config file.
@@ -28,6 +34,7 @@ from pathlib import Path
 import git
 from git.exc import BadName, GitCommandError, InvalidGitRepositoryError, NoSuchPathError
 
+from anylearn_sdk.content.ignore import IGNORE_FILE
 from anylearn_sdk.errors import GitSyncError, InvalidArgumentError, RequiredLocalCommitError
 
 SNAPSHOT_IDENTITY = {
@@ -38,7 +45,7 @@ SNAPSHOT_IDENTITY = {
 }
 #: Date of snapshots of folders that are not git repositories (deterministic commits).
 EPOCH_DATE = "1970-01-01T00:00:00+0000"
-#: Ignored in snapshots of plain folders, as a default .gitignore would.
+#: Left out of every snapshot unless ``.anylearnignore`` re-includes them (``!pattern``).
 PLAIN_FOLDER_EXCLUDES = ("__pycache__/", "*.pyc", ".venv/", ".anylearn/", ".DS_Store")
 MAX_LISTED_FILES = 10
 
@@ -144,6 +151,47 @@ def snapshot(
             f"algorithm_dir {str(folder)!r} does not exist or is not a folder"
         )
     repo = _open_repo(folder)
+    with tempfile.TemporaryDirectory(prefix="anylearn-excludes-") as tmp:
+        env = _excludes_env(folder, Path(tmp))
+        return _snapshot(folder, repo, force, git_ref, scratch_root, env)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _excludes_env(folder: Path, tmp: Path) -> dict[str, str]:
+    """``GIT_CONFIG_*`` variables pointing ``core.excludesFile`` at a file that joins the user's
+    global excludes, the default excludes and the folder's ``.anylearnignore``."""
+    try:
+        configured = git.Git().config("--global", "--get", "core.excludesFile")
+    except GitCommandError:
+        configured = ""
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    user_file = Path(configured).expanduser() if configured else xdg / "git" / "ignore"
+    # Later patterns win: .anylearnignore can re-include (``!``) what the others exclude.
+    parts = [_read_text(user_file), *PLAIN_FOLDER_EXCLUDES, _read_text(folder / IGNORE_FILE)]
+    excludes = tmp / "excludes"
+    excludes.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    n = int(os.environ.get("GIT_CONFIG_COUNT") or 0)  # keep the user's own GIT_CONFIG_* entries
+    return {
+        "GIT_CONFIG_COUNT": str(n + 1),
+        f"GIT_CONFIG_KEY_{n}": "core.excludesFile",
+        f"GIT_CONFIG_VALUE_{n}": str(excludes),
+    }
+
+
+def _snapshot(
+    folder: Path,
+    repo: git.Repo | None,
+    force: bool,
+    git_ref: str | None,
+    scratch_root: Path,
+    env: dict[str, str],
+) -> Snapshot:
     try:
         if repo is None:
             if git_ref:
@@ -151,7 +199,7 @@ def snapshot(
                     f"algorithm_git_ref {git_ref!r} given but {str(folder)!r} "
                     "is not a git repository"
                 )
-            return _snapshot_plain_folder(folder, scratch_root)
+            return _snapshot_plain_folder(folder, scratch_root, env)
         if git_ref:
             try:
                 return Snapshot(repo.commit(git_ref).hexsha, Path(repo.git_dir), snapshot=False)
@@ -161,7 +209,8 @@ def snapshot(
                     f"of {str(folder)!r}"
                 ) from err
         head = repo.head.commit.hexsha if repo.head.is_valid() else None
-        dirty = changed_files(repo)
+        with repo.git.custom_environment(**env):
+            dirty = changed_files(repo)
         if head is not None and not dirty:
             return Snapshot(head, Path(repo.git_dir), snapshot=False)
         if not force:
@@ -177,9 +226,10 @@ def snapshot(
                 "algorithm_force_update=True to snapshot the working tree",
                 dirty,
             )
-        tree = _write_tree(
-            repo, git_dir=None, work_tree=folder, seed_index=Path(repo.index.path), base=head
-        )
+        with repo.git.custom_environment(**env):
+            tree = _write_tree(
+                repo, git_dir=None, work_tree=folder, seed_index=Path(repo.index.path), base=head
+            )
         if head is not None and repo.commit(head).tree.hexsha == tree:
             return Snapshot(head, Path(repo.git_dir), snapshot=False)
         date = repo.commit(head).committed_datetime.isoformat() if head else EPOCH_DATE
@@ -189,16 +239,19 @@ def snapshot(
         raise GitSyncError(f"git failed on {str(folder)!r}: {err.stderr.strip() or err}") from err
 
 
-def _snapshot_plain_folder(folder: Path, scratch_root: Path) -> Snapshot:
+def _snapshot_plain_folder(folder: Path, scratch_root: Path, env: dict[str, str]) -> Snapshot:
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     git_dir = scratch_root / f"{key}.git"
     if not (git_dir / "HEAD").exists():
         scratch_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         git.Repo.init(git_dir, bare=True)
-        (git_dir / "info").mkdir(exist_ok=True)
-        (git_dir / "info" / "exclude").write_text("\n".join(PLAIN_FOLDER_EXCLUDES) + "\n")
+    # The excludes come from core.excludesFile (see _excludes_env); info/exclude would outrank
+    # the folder's .anylearnignore, so it stays empty (older versions wrote defaults there).
+    (git_dir / "info").mkdir(exist_ok=True)
+    (git_dir / "info" / "exclude").write_text("")
     repo = git.Repo(git_dir)
-    tree = _write_tree(repo, git_dir=git_dir, work_tree=folder, seed_index=None, base=None)
+    with repo.git.custom_environment(**env):
+        tree = _write_tree(repo, git_dir=git_dir, work_tree=folder, seed_index=None, base=None)
     commit = _commit_tree(repo, tree, None, EPOCH_DATE, f"anylearn snapshot of {folder.name}")
     return Snapshot(commit, git_dir, snapshot=True)
 

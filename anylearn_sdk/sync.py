@@ -65,11 +65,13 @@ def _sync(
 ) -> Dataset:
     report = resolve_progress(progress)
     ctx = get_context()
-    found, new_name = find_project(ctx, None, project_name)
     manifest = _manifest_of(folder, archive, report)
-    project = ensure_project(ctx, found, new_name)
+
+    def project_id() -> str:
+        return ensure_project(ctx, *find_project(ctx, None, project_name)).id
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anylearn-upload") as pool:
-        pending = start_sync(ctx, kind, manifest, name, project.id, pool, report)
+        pending = start_sync(ctx, kind, manifest, name, project_id, pool, report)
         return await_ready(
             ctx, pending, polling=resource_polling, timeout=resource_timeout, progress=report
         )

@@ -10,8 +10,9 @@ import time
 import zipfile
 
 import pytest
-from conftest import age
+from conftest import age, git
 
+from anylearn_sdk import gitsync
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import build_manifest, scan
 from anylearn_sdk.content.sources import close_archives
@@ -229,3 +230,44 @@ def test_unchanged_archive_is_not_read_again(tmp_path):
     first = archive_manifest(tgz, store)
     again = archive_manifest(tgz, store)
     assert again.from_fingerprint and again.checksum == first.checksum
+
+
+# algorithm snapshots ----------------------------------------------------------------------
+def snapshot_files(snap) -> list[str]:
+    out = git(
+        "--git-dir",
+        str(snap.git_dir),
+        "ls-tree",
+        "-r",
+        "--name-only",
+        snap.commit,
+        cwd=snap.git_dir,
+    )
+    return sorted(out.split())
+
+
+def test_anylearnignore_leaves_files_out_of_an_algorithm(algorithm_repo, tmp_path):
+    (algorithm_repo / ".anylearnignore").write_text("checkpoints/\n*.ckpt\n")
+    git("add", ".anylearnignore", cwd=algorithm_repo)
+    git("commit", "-qm", "ignore checkpoints", cwd=algorithm_repo)
+    head = git("rev-parse", "HEAD", cwd=algorithm_repo).strip()
+    write(algorithm_repo, "checkpoints/epoch1.bin", b"weights")
+    write(algorithm_repo, "last.ckpt", b"weights")
+    write(algorithm_repo, "__pycache__/train.cpython-311.pyc", b"bytecode")
+    # Ignored files do not make the tree dirty: the exact HEAD commit is pinned.
+    snap = gitsync.snapshot(algorithm_repo, scratch_root=tmp_path / "scratch")
+    assert snap.commit == head and not snap.snapshot
+    write(algorithm_repo, "util.py", b"x = 1\n")
+    snap = gitsync.snapshot(algorithm_repo, force=True, scratch_root=tmp_path / "scratch")
+    assert snapshot_files(snap) == [".anylearnignore", ".gitignore", "train.py", "util.py"]
+
+
+def test_anylearnignore_in_a_plain_folder(tmp_path):
+    folder = tmp_path / "plain"
+    write(folder, "train.py", b"print(1)\n")
+    write(folder, ".anylearnignore", b"data/\n!keep.pyc\n")
+    write(folder, "data/big.bin", b"x")
+    write(folder, "keep.pyc", b"x")
+    write(folder, "drop.pyc", b"x")
+    snap = gitsync.snapshot(folder, scratch_root=tmp_path / "scratch")
+    assert snapshot_files(snap) == [".anylearnignore", "keep.pyc", "train.py"]

@@ -10,6 +10,7 @@ while the caller polls the version's state.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
@@ -127,11 +128,16 @@ def start_sync(
     kind: str,
     manifest: Manifest,
     name: str,
-    project_id: str,
+    project_id: str | Callable[[], str],
     pool: ThreadPoolExecutor,
     progress: ProgressCallback,
 ) -> PendingUpload:
-    """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``."""
+    """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``.
+
+    Args:
+        project_id: the project a new version is filed under, or a callable giving it (asked
+            only if a new version must be registered, so an unchanged resubmit skips it).
+    """
     cls = class_for(kind)
     known = known_resource(ctx, kind, manifest.checksum)
     if known is not None and known["state"] == ResourceState.READY:
@@ -147,7 +153,7 @@ def start_sync(
             "name": name,
             "checksum": manifest.checksum,
             "manifest": [e.to_json() for e in manifest.entries],
-            "project_id": project_id,
+            "project_id": project_id() if callable(project_id) else project_id,
         },
     )
     ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, data["id"], name)
@@ -199,6 +205,8 @@ def await_ready(
         AnylearnError: the upload thread failed (its error is re-raised).
     """
     res = pending.resource
+    if pending.future is None and res.state == ResourceState.READY:
+        return res  # known READY a moment ago; nothing was sent
     plural = PLURALS[res.kind]
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL_SECONDS

@@ -154,7 +154,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     api = APIRouter(prefix=API_PREFIX)
 
     @api.get("/health", tags=["health"])
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "version": __version__, "server_id": ctx.server_id}
 
     for module_router in (

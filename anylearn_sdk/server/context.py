@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,16 +91,20 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def get_context(request: Request) -> ServerContext:
+# The dependencies are coroutines so that a request does not hop to a worker thread for each
+# of them; they only read (a token lookup by primary key), which never waits under WAL.
+async def get_context(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-def get_session(ctx: Annotated[ServerContext, Depends(get_context)]) -> Iterator[Session]:
+async def get_session(
+    ctx: Annotated[ServerContext, Depends(get_context)],
+) -> AsyncIterator[Session]:
     with ctx.sessions() as session:
         yield session
 
 
-def current_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
+async def current_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
     """Resolve ``Authorization: Bearer <token>`` to its user, or answer 401."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -115,7 +119,7 @@ def current_user(request: Request, session: Annotated[Session, Depends(get_sessi
     return user
 
 
-def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     if not user.is_admin:
         raise ApiError(403, ErrorCode.FORBIDDEN, "this call needs an admin user")
     return user

@@ -98,7 +98,7 @@ def add_user(body: NewUser, _admin: AdminUser, session: DB) -> dict:
 
 
 @router.get("/projects", tags=["projects"])
-def list_projects(user: CurrentUser, session: DB, name: str | None = None) -> list[dict]:
+async def list_projects(user: CurrentUser, session: DB, name: str | None = None) -> list[dict]:
     query = select(Project).where(Project.owner_id == user.id).order_by(Project.created_at)
     if name is not None:
         query = query.where(Project.name == name)

@@ -135,8 +135,10 @@ def make_router(kind: str) -> APIRouter:
     plural, id_prefix = KINDS[kind]
     router = APIRouter(prefix=f"/{plural}", tags=[plural])
 
+    # Read-only handlers are coroutines: they skip the thread-pool hop, and a WAL read never
+    # waits for a lock, so the event loop is not held up.
     @router.get("", name=f"list_{plural}")
-    def list_resources(
+    async def list_resources(
         user: CurrentUser, session: DB, checksum: str | None = None, name: str | None = None
     ) -> list[dict]:
         query = (
@@ -199,7 +201,7 @@ def make_router(kind: str) -> APIRouter:
         return resource_json(res, missing=missing)
 
     @router.get("/{resource_id}", name=f"get_{kind}")
-    def get_resource(
+    async def get_resource(
         resource_id: str, user: CurrentUser, session: DB, manifest: bool = False
     ) -> dict:
         return resource_json(owned_resource(session, user, kind, resource_id), manifest=manifest)
