@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shlex
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -171,3 +172,41 @@ def format_hyperparams(
         else:
             words.append(shlex.quote(f"{flag}{delimiter}{value}"))
     return words
+
+
+def manifest_delta(
+    old: Iterable[ManifestEntry], new: Iterable[ManifestEntry]
+) -> tuple[list[ManifestEntry], list[str]]:
+    """What turns manifest ``old`` into ``new``: entries added or changed, and paths removed."""
+    before = {e.path: e for e in old}
+    after = list(new)
+    changes = [e for e in after if before.get(e.path) != e]
+    kept = {e.path for e in after}
+    return changes, sorted(p for p in before if p not in kept)
+
+
+def apply_delta(
+    base: Iterable[ManifestEntry], changes: Iterable[ManifestEntry], removed: Iterable[str]
+) -> list[ManifestEntry]:
+    """The manifest ``base`` with ``removed`` paths dropped and ``changes`` put in, by path.
+
+    Raises:
+        ValueError: a removed path is not in ``base``.
+    """
+    entries = {e.path: e for e in base}
+    for path in removed:
+        if entries.pop(path, None) is None:
+            raise ValueError(f"removed path {path!r} is not in the base manifest")
+    for e in changes:
+        entries[e.path] = e
+    return sorted(entries.values(), key=lambda e: e.path)
+
+
+def pack_entries(entries: Iterable[ManifestEntry]) -> bytes:
+    """zlib of the canonical JSON rows, to keep a manifest locally in a few bytes per file."""
+    rows = [[e.path, e.size, e.mode, e.sha256] for e in entries]
+    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode("utf-8"), 1)
+
+
+def unpack_entries(blob: bytes) -> list[ManifestEntry]:
+    return [ManifestEntry(*row) for row in json.loads(zlib.decompress(blob))]

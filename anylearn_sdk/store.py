@@ -33,7 +33,6 @@ from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
-from sqlite_utils.db import NotFoundError
 
 from anylearn_sdk.states import TaskState
 
@@ -125,6 +124,11 @@ def m002_upload_units_and_folder_manifests(db: sqlite_utils.Database) -> None:
         },
         pk="root",
     )
+
+
+@migrations()
+def m003_folder_manifest_entries(db: sqlite_utils.Database) -> None:
+    db["folder_manifests"].add_column("entries_z", bytes)
 
 
 @dataclass(frozen=True)
@@ -235,10 +239,16 @@ class LocalStore:
                 self.db["hash_cache"].upsert_all(records, pk="path", batch_size=SQL_BATCH // 7)
 
     def folder_manifest(self, root: str) -> FolderManifest | None:
-        try:
-            row = self.db["folder_manifests"].get(root)
-        except NotFoundError:
+        rows = list(
+            self.db.query(
+                "select fingerprint, checksum, file_count, total_bytes, max_mtime_ns, "
+                "cached_at_ns from folder_manifests where root = ?",
+                [root],
+            )
+        )
+        if not rows:
             return None
+        row = rows[0]
         return FolderManifest(
             row["fingerprint"],
             row["checksum"],
@@ -248,9 +258,20 @@ class LocalStore:
             row["cached_at_ns"],
         )
 
-    def save_folder_manifest(self, root: str, state: FolderManifest) -> None:
+    def save_folder_manifest(
+        self, root: str, state: FolderManifest, entries_z: bytes | None = None
+    ) -> None:
+        """Remember ``root``'s manifest; ``entries_z`` (zlib of its canonical JSON) lets the
+        next version be sent as a delta against this one."""
         with self._write():
-            self.db["folder_manifests"].upsert({"root": root, **state.__dict__}, pk="root")
+            self.db["folder_manifests"].upsert(
+                {"root": root, **state.__dict__, "entries_z": entries_z}, pk="root"
+            )
+
+    def folder_entries(self, root: str) -> bytes | None:
+        """The ``entries_z`` saved with ``root``'s manifest, if any."""
+        rows = list(self.db.query("select entries_z from folder_manifests where root = ?", [root]))
+        return rows[0]["entries_z"] if rows else None
 
     # remote resources ----------------------------------------------------------------------
     def remote_resource(self, server: str, kind: str, checksum: str) -> str | None:

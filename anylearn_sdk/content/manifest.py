@@ -37,7 +37,13 @@ from anylearn_sdk.content.ignore import (
 from anylearn_sdk.content.sources import FileSource, Source
 from anylearn_sdk.errors import InvalidArgumentError
 from anylearn_sdk.progress import HASHING, SCANNING, ProgressCallback, SilentProgress
-from anylearn_sdk.protocol import ManifestEntry, manifest_checksum, normalize_mode
+from anylearn_sdk.protocol import (
+    ManifestEntry,
+    manifest_checksum,
+    normalize_mode,
+    pack_entries,
+    unpack_entries,
+)
 from anylearn_sdk.store import FolderManifest, LocalStore
 
 HASH_BLOCK_BYTES = 1024 * 1024
@@ -79,6 +85,8 @@ class Manifest:
         hashed_bytes: bytes read to hash this time (0 on an unchanged resubmit).
         from_fingerprint: True when the checksum came from the folder fingerprint; the entries
             are then built (from the hash cache) only if something asks for them.
+        base: the checksum and entries of this folder's previous manifest, when it changed
+            since; a new version is then registered as a delta against it.
     """
 
     checksum: str
@@ -86,6 +94,7 @@ class Manifest:
     total_bytes: int
     hashed_bytes: int = 0
     from_fingerprint: bool = False
+    base: tuple[str, Callable[[], list[ManifestEntry]]] | None = field(default=None, repr=False)
     _entries: list[ManifestEntry] | None = field(default=None, repr=False)
     _sources: dict[str, Source] | None = field(default=None, repr=False)
     _load: Callable[[], Manifest] | None = field(default=None, repr=False)
@@ -351,6 +360,10 @@ def build_manifest(
             _load=lambda: _from_files(files, store, root, started_ns, progress, label),
         )
     manifest = _from_files(files, store, root, started_ns, progress, label)
+    if known is not None and known.checksum != manifest.checksum:
+        previous = store.folder_entries(key)
+        if previous:
+            manifest.base = (known.checksum, lambda: unpack_entries(previous))
     store.save_folder_manifest(
         key,
         FolderManifest(
@@ -361,5 +374,6 @@ def build_manifest(
             max_mtime,
             started_ns,
         ),
+        pack_entries(manifest.entries),
     )
     return manifest

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
+from anylearn_sdk.client.http import raise_for_status
 from anylearn_sdk.content.manifest import Manifest
 from anylearn_sdk.errors import (
     AnylearnTimeoutError,
@@ -22,6 +23,7 @@ from anylearn_sdk.errors import (
     ResourceError,
 )
 from anylearn_sdk.progress import UPLOADING, VERIFYING, ProgressCallback
+from anylearn_sdk.protocol import manifest_delta
 from anylearn_sdk.resources.upload import UploadRun, plan_units
 from anylearn_sdk.session import SdkContext
 from anylearn_sdk.states import ResourceState
@@ -147,14 +149,8 @@ def start_sync(
             f"already on the server as {known['id']}; uploaded 0 bytes"
         )
         return PendingUpload(cls.from_json(known), None)
-    data = ctx.api.post_json(
-        f"/{PLURALS[kind]}",
-        {
-            "name": name,
-            "checksum": manifest.checksum,
-            "manifest": [e.to_json() for e in manifest.entries],
-            "project_id": project_id() if callable(project_id) else project_id,
-        },
+    data = _register(
+        ctx, kind, manifest, name, project_id() if callable(project_id) else project_id
     )
     ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, data["id"], name)
     missing = data.get("missing", [])
@@ -181,6 +177,31 @@ def start_sync(
             progress.phase_end(phase)
 
     return PendingUpload(cls.from_json(data), pool.submit(upload), total)
+
+
+def _register(ctx: SdkContext, kind: str, manifest: Manifest, name: str, project_id: str):
+    """Register the version: as a delta against the folder's previous version when the server
+    has it (a few entries instead of one per file), else with the whole manifest."""
+    body = {"name": name, "checksum": manifest.checksum, "project_id": project_id}
+    if manifest.base is not None:
+        base_checksum, base_entries = manifest.base
+        changes, removed = manifest_delta(base_entries(), manifest.entries)
+        response = ctx.api.request(
+            "POST",
+            f"/{PLURALS[kind]}",
+            json={
+                **body,
+                "base_checksum": base_checksum,
+                "changes": [e.to_json() for e in changes],
+                "removed": removed,
+            },
+            check=False,
+        )
+        if response.status_code != 409:
+            raise_for_status(response)
+            return response.json()
+    body["manifest"] = [e.to_json() for e in manifest.entries]
+    return ctx.api.post_json(f"/{PLURALS[kind]}", body)
 
 
 def _stored_bytes(ctx: SdkContext, resource_id: str) -> int:

@@ -19,14 +19,22 @@ from sqlalchemy.orm import Session
 from anylearn_sdk.protocol import (
     SHA256_HEX,
     ManifestEntry,
+    apply_delta,
     manifest_checksum,
     validate_manifest,
 )
 from anylearn_sdk.server.api.accounts import NAME_PATTERN, owned_project
-from anylearn_sdk.server.context import DB, Ctx, CurrentUser, bad_request, not_found
+from anylearn_sdk.server.context import (
+    DB,
+    ApiError,
+    Ctx,
+    CurrentUser,
+    bad_request,
+    not_found,
+)
 from anylearn_sdk.server.db import ObjectRef, Resource, User, iso, new_id
 from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.states import ResourceState
+from anylearn_sdk.states import ErrorCode, ResourceState
 
 KINDS = {"dataset": ("datasets", "dset"), "model": ("models", "model")}
 #: Bound parameters per query (SQLite's default limit is 999).
@@ -50,9 +58,15 @@ def missing_objects(body: DigestList, user: CurrentUser, session: DB, ctx: Ctx) 
 
 
 class NewResource(BaseModel):
+    """A version to register: its whole ``manifest``, or a delta against a version the user
+    already registered (``base_checksum`` + ``changes`` + ``removed`` paths)."""
+
     name: str = Field(pattern=NAME_PATTERN)
     checksum: str = Field(pattern=r"^[0-9a-f]{64}$")
-    manifest: list[dict]
+    manifest: list[dict] | None = None
+    base_checksum: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    changes: list[dict] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
     project_id: str | None = None
 
 
@@ -131,6 +145,34 @@ def refresh_state(session: Session, res: Resource, objects: ObjectStore) -> list
     return missing
 
 
+def _full_manifest(session: Session, user: User, kind: str, body: NewResource) -> list[dict]:
+    """The manifest the request describes, applying a delta to its base version.
+
+    Raises:
+        ApiError: 409 if the base version is unknown (the client then sends it whole).
+        ValueError: the delta does not fit its base.
+    """
+    if body.base_checksum is None:
+        if body.manifest is None:
+            raise bad_request("give manifest, or base_checksum with changes and removed")
+        return body.manifest
+    base = session.scalar(
+        select(Resource).where(
+            Resource.owner_id == user.id,
+            Resource.kind == kind,
+            Resource.checksum == body.base_checksum,
+            Resource.state.not_in([ResourceState.DELETED, ResourceState.ERROR]),
+        )
+    )
+    if base is None:
+        raise ApiError(
+            409, ErrorCode.CONFLICT, f"base {kind} {body.base_checksum} not found; send it whole"
+        )
+    changes = [ManifestEntry.from_json(e) for e in body.changes]
+    merged = apply_delta(manifest_of(base), changes, body.removed)
+    return [e.to_json() for e in merged]
+
+
 def make_router(kind: str) -> APIRouter:
     plural, id_prefix = KINDS[kind]
     router = APIRouter(prefix=f"/{plural}", tags=[plural])
@@ -166,7 +208,7 @@ def make_router(kind: str) -> APIRouter:
         digests of the objects to upload.
         """
         try:
-            entries = validate_manifest(body.manifest)
+            entries = validate_manifest(_full_manifest(session, user, kind, body))
         except ValueError as err:
             raise bad_request(str(err)) from err
         if manifest_checksum(entries) != body.checksum:
