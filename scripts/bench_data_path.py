@@ -279,12 +279,20 @@ def main() -> int:
         )
 
         # Upload of the large files vs curl -T of the same bytes to the same server.
-        clock = PhaseClock()
-        start = time.perf_counter()
-        dataset = sync_dataset(large, progress=clock, resource_polling=0.2)
-        end_to_end = time.perf_counter() - start
-        upload = clock.seconds("uploading")
-        curl_seconds = curl_upload(url, new_user(url, admin, "curl"), sorted(large.rglob("*.bin")))
+        # Alternate curl and the SDK twice, each time as a new user (who must send every byte:
+        # objects are deduplicated per owner), and keep each one's best run, so neither is
+        # favoured by going second (warm server memory) or first.
+        curl_seconds = upload = end_to_end = float("inf")
+        for round_ in range(2):
+            curl_token = new_user(url, admin, f"curl{round_}")
+            files = sorted(large.rglob("*.bin"))
+            curl_seconds = min(curl_seconds, curl_upload(url, curl_token, files))
+            init_sdk(url, token=new_user(url, admin, f"sdk{round_}"))
+            clock = PhaseClock()
+            start = time.perf_counter()
+            dataset = sync_dataset(large, progress=clock, resource_polling=0.2)
+            end_to_end = min(end_to_end, time.perf_counter() - start)
+            upload = min(upload, clock.seconds("uploading"))
         print(f"reference: curl -T {large_bytes / curl_seconds / 1e6:.0f} MB/s")
         report(
             "upload, large files (until acknowledged)",

@@ -21,7 +21,7 @@ from anylearn_sdk.content.manifest import build_manifest
 from anylearn_sdk.session import get_context, init_sdk
 
 pytestmark = pytest.mark.integration
-CHILD_CHUNK = 128 * 1024  # tus.UPLOAD_CHUNK_BYTES in the child
+CHILD_CHUNK = 128 * 1024  # tus.PATCH_BYTES in the child: one PATCH per stream may be cut
 STREAMS = 4
 
 

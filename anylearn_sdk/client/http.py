@@ -211,9 +211,13 @@ class ApiClient:
 
     def _count(self, prepared: requests.PreparedRequest | None) -> None:
         body = getattr(prepared, "body", None)
-        if body:
-            with self._count_lock:
-                self.sent_bytes += len(body)
+        if isinstance(body, (bytes, str)):
+            self.count_sent(len(body))
+
+    def count_sent(self, amount: int) -> None:
+        """Add ``amount`` to :attr:`sent_bytes` (for streamed bodies, counted as they go)."""
+        with self._count_lock:
+            self.sent_bytes += amount
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()
