@@ -234,6 +234,7 @@ def main() -> int:
     print(f"making data in {work} ...", flush=True)
     make_data(large, args.large_count, args.large_mib * ONE_MIB)
     make_data(small, args.small_count, small_size)
+    os.sync()  # let the kernel write the new files back now, not during the measurements
     large_bytes = args.large_count * args.large_mib * ONE_MIB
     small_bytes = args.small_count * small_size
     proc, url, admin = start_server(work / "server")

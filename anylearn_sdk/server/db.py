@@ -114,7 +114,9 @@ class Resource(Base):
     name: Mapped[str] = mapped_column(String(200))
     checksum: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16))
-    manifest: Mapped[list[Any]] = mapped_column(JSON)
+    #: Loaded only when used: a 20,000-file manifest is megabytes of JSON, and most requests
+    #: (a state poll, a checksum lookup) never look at it.
+    manifest: Mapped[list[Any]] = mapped_column(JSON, deferred=True)
     file_count: Mapped[int] = mapped_column(Integer)
     total_bytes: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
