@@ -38,6 +38,16 @@ def make_folder(root, small=50, small_size=3000, large=()):
     return root
 
 
+def register(ctx, folder):
+    """Register ``folder`` by hand (its whole manifest); returns the manifest and the reply."""
+    manifest = build_manifest(folder, None)
+    entries = [e.to_json() for e in manifest.entries]
+    reply = ctx.api.post_json(
+        "/datasets", {"name": "d", "checksum": manifest.checksum, "manifest": entries}
+    )
+    return manifest, reply
+
+
 def wait_state(ctx, resource_id, *, not_in=("UPLOADING",), timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,12 +105,7 @@ def test_tus_concatenation_by_hand(user, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "blob.bin").write_bytes(blob)
     ctx = get_context()
-    manifest = build_manifest(tmp_path / "d", None)
-    res = ctx.api.post_json(
-        "/datasets",
-        {"name": "d", "checksum": manifest.checksum,
-         "manifest": [e.to_json() for e in manifest.entries]},
-    )  # fmt: skip
+    manifest, res = register(ctx, tmp_path / "d")
     tus = TusClient(ctx.api)
     source = manifest.sources[manifest.entries[0].sha256]
     cut = 1024 * 1024
@@ -121,12 +126,7 @@ def test_tus_concatenation_by_hand(user, tmp_path):
 def test_final_of_incomplete_parts_is_refused(user, tmp_path):
     data = make_folder(tmp_path / "d", small=1, small_size=10)
     ctx = get_context()
-    manifest = build_manifest(data, None)
-    res = ctx.api.post_json(
-        "/datasets",
-        {"name": "d", "checksum": manifest.checksum,
-         "manifest": [e.to_json() for e in manifest.entries]},
-    )  # fmt: skip
+    manifest, res = register(ctx, data)
     tus = TusClient(ctx.api)
     part = tus.create(10, {"resource_id": res["id"]}, partial=True)
     meta = encode_metadata({"kind": "pack", "resource_id": res["id"]})
@@ -171,12 +171,7 @@ def test_server_refuses_a_manifest_path_leaving_the_dataset(user):
 def test_server_refuses_a_link_member_in_a_pack(user, tmp_path):
     data = make_folder(tmp_path / "d", small=1, small_size=10)
     ctx = get_context()
-    manifest = build_manifest(data, None)
-    res = ctx.api.post_json(
-        "/datasets",
-        {"name": "d", "checksum": manifest.checksum,
-         "manifest": [e.to_json() for e in manifest.entries]},
-    )  # fmt: skip
+    manifest, res = register(ctx, data)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         info = tarfile.TarInfo(manifest.entries[0].sha256)
@@ -256,12 +251,7 @@ def test_stale_uploads_expire(tmp_path):
         init_sdk(url, token=token)
         folder = make_folder(tmp_path / "d", small=1, small_size=100)
         ctx = get_context()
-        manifest = build_manifest(folder, None)
-        res = ctx.api.post_json(
-            "/datasets",
-            {"name": "d", "checksum": manifest.checksum,
-             "manifest": [e.to_json() for e in manifest.entries]},
-        )  # fmt: skip
+        _, res = register(ctx, folder)
         tus = TusClient(ctx.api)
         upload_url = tus.create(100, {"kind": "pack", "resource_id": res["id"]})
         head = ctx.api.request("HEAD", upload_url, headers={"Tus-Resumable": TUS_VERSION})

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from anylearn_sdk.content.manifest import RACY_MARGIN_NS, Manifest
+from anylearn_sdk.content.manifest import Manifest, remembered
 from anylearn_sdk.content.sources import ArchiveMemberSource, Source
 from anylearn_sdk.errors import InvalidArgumentError
 from anylearn_sdk.progress import HASHING, ProgressCallback, SilentProgress
 from anylearn_sdk.protocol import ManifestEntry, check_relative_path, manifest_checksum
-from anylearn_sdk.store import FolderManifest, LocalStore
+from anylearn_sdk.store import LocalStore
 
 BLOCK_BYTES = 1024 * 1024
 
@@ -207,31 +207,13 @@ def archive_manifest(
     started_ns = time.time_ns()
     st = archive.stat()
     print_ = f"archive\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
-    key = str(archive)
-    known = store.folder_manifest(key) if store is not None else None
-    if (
-        known is not None
-        and known.fingerprint == print_
-        and known.max_mtime_ns < known.cached_at_ns - RACY_MARGIN_NS
-    ):
-        return Manifest(
-            known.checksum,
-            known.file_count,
-            known.total_bytes,
-            from_fingerprint=True,
-            _load=lambda: _hash_archive(archive, progress, label),
-        )
-    manifest = _hash_archive(archive, progress, label)
-    if store is not None:
-        store.save_folder_manifest(
-            key,
-            FolderManifest(
-                print_,
-                manifest.checksum,
-                manifest.file_count,
-                manifest.total_bytes,
-                st.st_mtime_ns,
-                started_ns,
-            ),
-        )
-    return manifest
+    if store is None:
+        return _hash_archive(archive, progress, label)
+    return remembered(
+        store,
+        str(archive),
+        print_,
+        st.st_mtime_ns,
+        started_ns,
+        lambda: _hash_archive(archive, progress, label),
+    )

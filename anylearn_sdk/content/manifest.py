@@ -343,10 +343,32 @@ def build_manifest(
         progress.phase_end(phase)
     if store is None:
         return _from_files(files, None, root, started_ns, progress, label)
-    key = str(root)
-    print_ = fingerprint(files)
+    return remembered(
+        store,
+        str(root),
+        fingerprint(files),
+        max((k[2] for k in files), default=0),
+        started_ns,
+        lambda: _from_files(files, store, root, started_ns, progress, label),
+    )
+
+
+def remembered(
+    store: LocalStore,
+    key: str,
+    print_: str,
+    max_mtime_ns: int,
+    started_ns: int,
+    compute: Callable[[], Manifest],
+) -> Manifest:
+    """The manifest of ``key`` (a folder or archive path) whose walk gave fingerprint ``print_``.
+
+    Reuses the stored checksum when the fingerprint is unchanged and no file was modified
+    within ``RACY_MARGIN_NS`` of the walk that stored it (``compute`` then runs only if the
+    entries are asked for); otherwise computes the manifest, attaches the previous one as its
+    delta base, and stores it.
+    """
     known = store.folder_manifest(key)
-    max_mtime = max((k[2] for k in files), default=0)
     if (
         known is not None
         and known.fingerprint == print_
@@ -357,23 +379,20 @@ def build_manifest(
             known.file_count,
             known.total_bytes,
             from_fingerprint=True,
-            _load=lambda: _from_files(files, store, root, started_ns, progress, label),
+            _load=compute,
         )
-    manifest = _from_files(files, store, root, started_ns, progress, label)
+    manifest = compute()
     if known is not None and known.checksum != manifest.checksum:
         previous = store.folder_entries(key)
         if previous:
             manifest.base = (known.checksum, lambda: unpack_entries(previous))
-    store.save_folder_manifest(
-        key,
-        FolderManifest(
-            print_,
-            manifest.checksum,
-            manifest.file_count,
-            manifest.total_bytes,
-            max_mtime,
-            started_ns,
-        ),
-        pack_entries(manifest.entries),
+    state = FolderManifest(
+        print_,
+        manifest.checksum,
+        manifest.file_count,
+        manifest.total_bytes,
+        max_mtime_ns,
+        started_ns,
     )
+    store.save_folder_manifest(key, state, pack_entries(manifest.entries))
     return manifest
