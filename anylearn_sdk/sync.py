@@ -10,6 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
@@ -33,7 +34,8 @@ def _manifest_of(folder: Path | None, archive: Path | None, report: ProgressCall
     ctx = get_context()
     if archive is not None:
         return archive_manifest(archive, ctx.store, report, archive.name)
-    assert folder is not None
+    if folder is None:
+        raise InvalidArgumentError("give dataset_dir or dataset_archive")
     return build_manifest(folder, ctx.store, report, label=folder.name)
 
 
@@ -139,8 +141,7 @@ def sync_model(
         resource_polling,
         resource_timeout,
     )
-    assert isinstance(model, Model)
-    return model
+    return cast(Model, model)  # class_for("model") builds a Model
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,8 @@ def _hash_archive(archive: Path, progress: ProgressCallback, label: str) -> Mani
                     stream: IO[bytes] | None = handle.open(m.data_name)
                 else:
                     stream = handle.extractfile(m.data_name)
-                assert stream is not None  # regular members and links to them have data
+                if stream is None:
+                    raise InvalidArgumentError(f"archive member {m.data_name!r} has no data")
                 with stream:
                     digest = _hash_stream(stream, lambda n: progress.advance(phase, n))
                 mode = 0o755 if m.mode & 0o111 else 0o644

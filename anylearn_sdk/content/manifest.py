@@ -264,7 +264,7 @@ def _from_files(
     prefix = str(root) + os.sep
     files = [ScannedFile(k[0], prefix + k[0], *k[1:]) for k in sorted(stat_keys)]
     cache = store.cached_hashes(root) if store is not None else {}
-    digests: list[str | None] = []
+    digests: list[str] = []  # "" until hashed
     todo: list[int] = []
     for i, f in enumerate(files):
         cached = cache.get(f.abspath)
@@ -275,7 +275,7 @@ def _from_files(
         ):
             digests.append(cached.sha256)
         else:
-            digests.append(None)
+            digests.append("")
             todo.append(i)
     hashed = sum(files[i].size for i in todo)
     if todo:
@@ -298,7 +298,6 @@ def _from_files(
     entries: list[ManifestEntry] = []
     sources: dict[str, Source] = {}
     for f, digest in zip(files, digests, strict=True):
-        assert digest is not None
         entries.append(ManifestEntry(f.relpath, f.size, normalize_mode(f.mode), digest))
         sources.setdefault(digest, FileSource(f.abspath, f.size))
     return Manifest(

@@ -197,9 +197,8 @@ class UploadRun:
             close_archives()
         with self._lock:
             self._sent += sent
-            if not unit.partial:
+            if unit.sha256 is None:  # a pack or a whole object: nothing to join
                 return
-            assert unit.sha256 is not None
             urls = self._parts.setdefault(unit.sha256, {})
             urls[unit.index] = url
             if len(urls) < unit.count:
