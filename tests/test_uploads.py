@@ -273,3 +273,24 @@ def test_stale_uploads_expire(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_malformed_delta_is_a_clear_400(user, tmp_path):
+    data = make_folder(tmp_path / "data", small=3)
+    first = sync_dataset(data, progress=False, resource_polling=0.1)
+    ctx = get_context()
+    before = ctx.api.get_json("/datasets")
+    response = ctx.api.request(
+        "POST",
+        "/datasets",
+        json={
+            "name": "x",
+            "checksum": "0" * 64,
+            "base_checksum": first.checksum,
+            "changes": [{"path": "s000.bin"}],
+        },
+        check=False,
+    )
+    assert response.status_code == 400
+    assert "needs path, size, mode and sha256" in response.json()["error"]["message"]
+    assert ctx.api.get_json("/datasets") == before

@@ -145,6 +145,18 @@ def refresh_state(session: Session, res: Resource, objects: ObjectStore) -> list
     return missing
 
 
+def live_version(session: Session, user: User, kind: str, checksum: str) -> Resource | None:
+    """The user's version of ``kind`` with this checksum that is neither DELETED nor ERROR."""
+    return session.scalar(
+        select(Resource).where(
+            Resource.owner_id == user.id,
+            Resource.kind == kind,
+            Resource.checksum == checksum,
+            Resource.state.not_in([ResourceState.DELETED, ResourceState.ERROR]),
+        )
+    )
+
+
 def _full_manifest(session: Session, user: User, kind: str, body: NewResource) -> list[dict]:
     """The manifest the request describes, applying a delta to its base version.
 
@@ -156,19 +168,12 @@ def _full_manifest(session: Session, user: User, kind: str, body: NewResource) -
         if body.manifest is None:
             raise bad_request("give manifest, or base_checksum with changes and removed")
         return body.manifest
-    base = session.scalar(
-        select(Resource).where(
-            Resource.owner_id == user.id,
-            Resource.kind == kind,
-            Resource.checksum == body.base_checksum,
-            Resource.state.not_in([ResourceState.DELETED, ResourceState.ERROR]),
-        )
-    )
+    base = live_version(session, user, kind, body.base_checksum)
     if base is None:
         raise ApiError(
             409, ErrorCode.CONFLICT, f"base {kind} {body.base_checksum} not found; send it whole"
         )
-    changes = [ManifestEntry.from_json(e) for e in body.changes]
+    changes = validate_manifest(body.changes)  # malformed entries: a 400 naming the entry
     merged = apply_delta(manifest_of(base), changes, body.removed)
     return [e.to_json() for e in merged]
 
@@ -214,14 +219,7 @@ def make_router(kind: str) -> APIRouter:
         if manifest_checksum(entries) != body.checksum:
             raise bad_request(f"checksum {body.checksum} does not match the manifest")
         project = owned_project(session, user, body.project_id)
-        res = session.scalar(
-            select(Resource).where(
-                Resource.owner_id == user.id,
-                Resource.kind == kind,
-                Resource.checksum == body.checksum,
-                Resource.state.not_in([ResourceState.DELETED, ResourceState.ERROR]),
-            )
-        )
+        res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:
             res = Resource(
