@@ -70,9 +70,13 @@ def manifest_checksum(entries: Iterable[ManifestEntry]) -> str:
     Returns:
         64-character lowercase hex string.
     """
+    return hashlib.sha256(canonical_manifest(entries)).hexdigest()
+
+
+def canonical_manifest(entries: Iterable[ManifestEntry]) -> bytes:
+    """The canonical manifest :func:`manifest_checksum` hashes (see there), as bytes."""
     rows = sorted((e.path, e.size, e.mode, e.sha256) for e in entries)
-    canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def check_relative_path(path: str, *, what: str = "path") -> str:
@@ -202,10 +206,9 @@ def apply_delta(
     return sorted(entries.values(), key=lambda e: e.path)
 
 
-def pack_entries(entries: Iterable[ManifestEntry]) -> bytes:
-    """zlib of the canonical JSON rows, to keep a manifest locally in a few bytes per file."""
-    rows = [[e.path, e.size, e.mode, e.sha256] for e in entries]
-    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode("utf-8"), 1)
+def pack_canonical(canonical: bytes) -> bytes:
+    """zlib of a :func:`canonical_manifest`, to keep a manifest locally in a few bytes per file."""
+    return zlib.compress(canonical, 1)
 
 
 def unpack_entries(blob: bytes) -> list[ManifestEntry]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -13,6 +14,7 @@ import pytest
 from conftest import age, git
 
 from anylearn_sdk import gitsync
+from anylearn_sdk.content import hashing
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import build_manifest, scan
 from anylearn_sdk.content.sources import close_archives
@@ -100,18 +102,36 @@ def test_old_unchanged_file_is_not_read_again(tmp_path):
     assert [e.to_json() for e in again.entries] == [e.to_json() for e in first.entries]
 
 
-def test_parallel_hashing_matches_hashlib(tmp_path):
-    import hashlib
-
+@pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "read"])
+def test_parallel_hashing_matches_hashlib(tmp_path, monkeypatch, mapped):
+    # Large files are hashed in windows (mapped, or read with ANYLEARN_HASH_MMAP=0); a small
+    # window makes the 9 MiB file take many, the last one partial.
+    monkeypatch.setenv(hashing.MMAP_ENV, mapped)
+    monkeypatch.setattr(hashing, "HASH_WINDOW_BYTES", 1024 * 1024)
     data = tmp_path / "data"
     blobs = {f"s{i}.bin": os.urandom(i * 997) for i in range(300)}
-    blobs["large.bin"] = os.urandom(9 * 1024 * 1024)
+    blobs["large.bin"] = os.urandom(9 * 1024 * 1024 + 123)
+    blobs["empty.bin"] = b""
     for rel, blob in blobs.items():
         write(data, rel, blob)
     manifest = build_manifest(data, None)
     assert {e.path: e.sha256 for e in manifest.entries} == {
         rel: hashlib.sha256(blob).hexdigest() for rel, blob in blobs.items()
     }
+
+
+def test_file_that_shrinks_while_hashed_is_an_error_not_a_crash(tmp_path, monkeypatch):
+    # Mapping checks the size before each window, so a file truncated between windows is a
+    # clear error rather than SIGBUS on touching a page past its new end.
+    monkeypatch.setattr(hashing, "HASH_WINDOW_BYTES", 1024 * 1024)
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(6 * 1024 * 1024))
+
+    def truncate_after_first_window(n: int) -> None:
+        os.truncate(path, 1024 * 1024)
+
+    with pytest.raises(InvalidArgumentError, match="changed while it was hashed"):
+        hashing.hash_file(str(path), truncate_after_first_window)
 
 
 # archives --------------------------------------------------------------------------------

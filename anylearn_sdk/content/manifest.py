@@ -10,9 +10,7 @@ Three layers keep a resubmit cheap, cheapest first:
    match its entry is not read, provided its mtime is older than the start of the walk that
    hashed it by at least ``RACY_MARGIN_NS`` (git's "racy" rule, with a margin for
    filesystems whose clocks tick coarsely: FAT's 2 s, or the kernel's jiffy-based timestamps).
-3. **Parallel hashing** of the rest: files of ``LARGE_HASH_BYTES`` or more one per task, smaller
-   files in batches (one task per small file costs more than it saves), on
-   ``os.cpu_count()`` threads; hashlib releases the GIL while it hashes.
+3. **Parallel hashing** of the rest (:mod:`anylearn_sdk.content.hashing`).
 """
 
 from __future__ import annotations
@@ -23,11 +21,10 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
+from anylearn_sdk.content.hashing import ScannedFile, hash_files
 from anylearn_sdk.content.ignore import (
     DEFAULT_EXCLUDE_SUFFIXES,
     DEFAULT_EXCLUDES,
@@ -39,19 +36,13 @@ from anylearn_sdk.errors import InvalidArgumentError
 from anylearn_sdk.progress import HASHING, SCANNING, ProgressCallback, SilentProgress
 from anylearn_sdk.protocol import (
     ManifestEntry,
-    manifest_checksum,
+    canonical_manifest,
     normalize_mode,
-    pack_entries,
+    pack_canonical,
     unpack_entries,
 )
 from anylearn_sdk.store import FolderManifest, LocalStore
 
-HASH_BLOCK_BYTES = 1024 * 1024
-#: Files at least this large are hashed one per task; smaller ones in batches.
-LARGE_HASH_BYTES = 4 * 1024 * 1024
-#: A batch of small files holds at most this many bytes or ``SMALL_BATCH_FILES`` files.
-SMALL_BATCH_BYTES = 16 * 1024 * 1024
-SMALL_BATCH_FILES = 256
 #: A cached hash (or folder fingerprint) is trusted only for files modified at least this
 #: long before the walk that recorded it began.
 RACY_MARGIN_NS = 2_000_000_000
@@ -61,17 +52,6 @@ RACY_MARGIN_NS = 2_000_000_000
 #: on an unchanged resubmit the walk is the whole cost, and an object per file would add a
 #: third to it (and ``marshal`` serializes only plain tuples).
 StatKey = tuple[str, int, int, int, int]
-
-
-class ScannedFile(NamedTuple):
-    """A file to hash: where it is and its stat key."""
-
-    relpath: str
-    abspath: str
-    size: int
-    mtime_ns: int
-    inode: int
-    mode: int
 
 
 @dataclass
@@ -98,6 +78,7 @@ class Manifest:
     _entries: list[ManifestEntry] | None = field(default=None, repr=False)
     _sources: dict[str, Source] | None = field(default=None, repr=False)
     _load: Callable[[], Manifest] | None = field(default=None, repr=False)
+    _canonical: bytes | None = field(default=None, repr=False)
 
     def _loaded(self) -> None:
         if self._entries is None and self._load is not None:
@@ -117,6 +98,12 @@ class Manifest:
         """sha256 → one :class:`Source` holding those bytes."""
         self._loaded()
         return self._sources or {}
+
+    def canonical(self) -> bytes:
+        """The canonical manifest the checksum is the sha256 of (UTF-8 JSON)."""
+        if self._canonical is None:
+            self._canonical = canonical_manifest(self.entries)
+        return self._canonical
 
 
 def scan(root: Path, rules: IgnoreRules | None = None) -> list[StatKey]:
@@ -170,88 +157,6 @@ def fingerprint(files: list[StatKey]) -> str:
     return hashlib.sha256(marshal.dumps(files, 4)).hexdigest()
 
 
-def hash_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
-    """sha256 of a file, read in 1 MiB blocks into one reused buffer."""
-    digest = hashlib.sha256()
-    buffer = bytearray(HASH_BLOCK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-            if on_bytes is not None:
-                on_bytes(n)
-    return digest.hexdigest()
-
-
-def _hash_large(f: ScannedFile, on_bytes: Callable[[int], None]) -> str:
-    digest = hash_file(f.abspath, on_bytes)
-    st = os.stat(f.abspath)
-    if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
-        raise InvalidArgumentError(f"file {f.abspath!r} changed while it was hashed; submit again")
-    return digest
-
-
-def _hash_small_batch(batch: list[ScannedFile], on_bytes: Callable[[int], None]) -> list[str]:
-    """Hash small files with one read each (the size is known from the walk)."""
-    digests = []
-    for f in batch:
-        fd = os.open(f.abspath, os.O_RDONLY)
-        try:
-            data = os.read(fd, f.size + 1)
-        finally:
-            os.close(fd)
-        if len(data) != f.size:
-            raise InvalidArgumentError(
-                f"file {f.abspath!r} changed while it was hashed; submit again"
-            )
-        digests.append(hashlib.sha256(data).hexdigest())
-    on_bytes(sum(f.size for f in batch))
-    return digests
-
-
-def hash_files(
-    files: list[ScannedFile], on_bytes: Callable[[int], None], workers: int | None = None
-) -> list[str]:
-    """sha256 of each file, in order, on ``workers`` threads (default ``os.cpu_count()``).
-
-    Raises:
-        InvalidArgumentError: a file changed size while it was read.
-    """
-    large = [i for i, f in enumerate(files) if f.size >= LARGE_HASH_BYTES]
-    small = [i for i, f in enumerate(files) if f.size < LARGE_HASH_BYTES]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    current_bytes = 0
-    for i in small:
-        current.append(i)
-        current_bytes += files[i].size
-        if current_bytes >= SMALL_BATCH_BYTES or len(current) >= SMALL_BATCH_FILES:
-            batches.append(current)
-            current, current_bytes = [], 0
-    if current:
-        batches.append(current)
-    digests: list[str] = [""] * len(files)
-    workers = workers or os.cpu_count() or 1
-    if len(large) + len(batches) <= 1 or workers == 1:
-        for i in large:
-            digests[i] = _hash_large(files[i], on_bytes)
-        for b in batches:
-            for i, d in zip(b, _hash_small_batch([files[i] for i in b], on_bytes), strict=True):
-                digests[i] = d
-        return digests
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-hash") as pool:
-        large_futures = {i: pool.submit(_hash_large, files[i], on_bytes) for i in large}
-        batch_futures = [
-            (b, pool.submit(_hash_small_batch, [files[i] for i in b], on_bytes)) for b in batches
-        ]
-        for i, fut in large_futures.items():
-            digests[i] = fut.result()
-        for b, fut in batch_futures:
-            for i, d in zip(b, fut.result(), strict=True):
-                digests[i] = d
-    return digests
-
-
 def _from_files(
     stat_keys: list[StatKey],
     store: LocalStore | None,
@@ -300,13 +205,15 @@ def _from_files(
     for f, digest in zip(files, digests, strict=True):
         entries.append(ManifestEntry(f.relpath, f.size, normalize_mode(f.mode), digest))
         sources.setdefault(digest, FileSource(f.abspath, f.size))
+    canonical = canonical_manifest(entries)
     return Manifest(
-        manifest_checksum(entries),
+        hashlib.sha256(canonical).hexdigest(),
         len(entries),
         sum(e.size for e in entries),
         hashed,
         _entries=entries,
         _sources=sources,
+        _canonical=canonical,
     )
 
 
@@ -393,5 +300,5 @@ def remembered(
         max_mtime_ns,
         started_ns,
     )
-    store.save_folder_manifest(key, state, pack_entries(manifest.entries))
+    store.save_folder_manifest(key, state, pack_canonical(manifest.canonical()))
     return manifest
