@@ -7,10 +7,10 @@ spelling. Terminal states are a set the code asks about (``state.is_terminal``),
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class TaskState(str, Enum):
+class TaskState(StrEnum):
     """A train task: ``CREATED → QUEUED → RUNNING → SUCCEEDED | FAILED | CANCELLED``."""
 
     CREATED = "CREATED"
@@ -29,7 +29,7 @@ class TaskState(str, Enum):
 TERMINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 
 
-class ResourceState(str, Enum):
+class ResourceState(StrEnum):
     """A dataset or model version: ``CREATED → UPLOADING → READY``, or ERROR, or DELETED.
 
     A version is READY only once the server has verified the sha256 of every file it holds.
@@ -47,7 +47,7 @@ class ResourceState(str, Enum):
         return self in (ResourceState.READY, ResourceState.ERROR, ResourceState.DELETED)
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Machine-readable ``error.code`` of the HTTP API (``{"error": {"code", "message"}}``)."""
 
     BAD_REQUEST = "bad_request"

@@ -25,7 +25,7 @@ from anylearn_sdk.resources.dataset import (
     start_sync,
 )
 from anylearn_sdk.resources.project import ensure_project, find_project
-from anylearn_sdk.resources.upload import plan_units
+from anylearn_sdk.resources.upload import plan_units, upload_streams
 from anylearn_sdk.session import get_context
 from anylearn_sdk.states import ResourceState
 
@@ -193,7 +193,7 @@ def preview_dataset(
         digests = sorted({e.sha256 for e in entries})
         missing = ctx.api.post_json("/objects/missing", {"digests": digests})["missing"]
     sizes = {e.sha256: e.size for e in entries}
-    units = plan_units("preview", missing, sizes, manifest.sources)
+    units = plan_units("preview", missing, sizes, manifest.sources, upload_streams())
     lacking = set(missing)
     return Preview(
         root=str(archive or folder),

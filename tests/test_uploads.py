@@ -88,6 +88,7 @@ def test_delta_falls_back_to_the_whole_manifest_when_the_base_is_gone(user, tmp_
 def test_large_file_travels_in_parallel_parts(user, tmp_path, monkeypatch):
     monkeypatch.setattr(upload, "LARGE_FILE_BYTES", 256 * 1024)
     monkeypatch.setattr(upload, "PART_BYTES", 1024 * 1024)
+    monkeypatch.setenv("ANYLEARN_UPLOAD_STREAMS", "8")  # a stream's share under PART_BYTES
     data = make_folder(tmp_path / "data", small=20, large=(3_500_000, 600_000))
     result = sync_dataset(data, progress=False, resource_polling=0.1)
     assert result.state == "READY"

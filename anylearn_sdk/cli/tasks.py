@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -42,7 +42,7 @@ def _duration(task: dict, now: datetime) -> str:
 
 def render(rows: list[dict]) -> Table:
     """The task table: id, name, state, created, duration."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     table = Table(
         Column("id", no_wrap=True, min_width=max((len(t["id"]) for t in rows), default=2)),
         Column("name", overflow="ellipsis", no_wrap=True, max_width=20),

@@ -24,7 +24,7 @@ from anylearn_sdk.errors import (
 )
 from anylearn_sdk.progress import UPLOADING, VERIFYING, ProgressCallback
 from anylearn_sdk.protocol import manifest_delta
-from anylearn_sdk.resources.upload import UploadRun, plan_units
+from anylearn_sdk.resources.upload import UploadRun, plan_units, upload_streams
 from anylearn_sdk.session import SdkContext
 from anylearn_sdk.states import ResourceState
 
@@ -160,7 +160,8 @@ def start_sync(
         )
         return PendingUpload(cls.from_json(data), None)
     sizes = {e.sha256: e.size for e in manifest.entries}
-    units = plan_units(data["id"], missing, sizes, manifest.sources)
+    streams = upload_streams()
+    units = plan_units(data["id"], missing, sizes, manifest.sources, streams)
     total = sum(u.body.length for u in units)
     progress.message(
         f"{kind} {name!r}: uploading {len(missing)} of {manifest.file_count} files "
@@ -171,7 +172,9 @@ def start_sync(
     def upload() -> int:
         progress.phase_start(phase, total)
         try:
-            run = UploadRun(ctx, data["id"], units, lambda n: progress.advance(phase, n))
+            run = UploadRun(
+                ctx, data["id"], units, lambda n: progress.advance(phase, n), streams=streams
+            )
             return run.run()
         finally:
             progress.phase_end(phase)

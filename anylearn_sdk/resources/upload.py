@@ -4,9 +4,11 @@ The plan (deterministic, so a rerun after a crash makes the same units with the 
 
 - files smaller than ``LARGE_FILE_BYTES`` travel packed, in uncompressed tars of about
   ``PACK_BYTES`` each (:mod:`anylearn_sdk.content.pack`);
-- larger files travel alone, as ``object`` uploads; a file over ``PART_BYTES`` is cut into
-  equal parts sent as partial uploads in parallel and joined by a final upload (tus
-  §Concatenation), so one big file can use every stream.
+- larger files travel alone, as ``object`` uploads; a file larger than both ``PART_BYTES`` and
+  half a stream's share of the plan (:func:`part_bytes`) is cut into equal parts sent as
+  partial uploads in parallel and joined by a final upload (tus §Concatenation), so one big
+  file can use every stream. Files are not cut finer than that: the server hashes an object
+  sent whole as it arrives, but a joined one only once it is whole, reading it again.
 
 Each unit is one tus upload. Its URL is journaled in the local store right after the server
 creates it and before any byte is sent, so a process killed at any moment leaves either no
@@ -33,7 +35,7 @@ from anylearn_sdk.session import SdkContext
 LARGE_FILE_BYTES = 8 * 1024 * 1024
 #: Target size of one pack of small files.
 PACK_BYTES = 64 * 1024 * 1024
-#: Files larger than this are cut into parts of at most this size, sent in parallel.
+#: Parts are at least this large (see :func:`part_bytes`).
 PART_BYTES = 64 * 1024 * 1024
 
 
@@ -95,16 +97,33 @@ class Unit:
         return self.count > 1
 
 
+def part_bytes(total: int, streams: int) -> int:
+    """The largest part (bytes) a plan of ``total`` bytes on ``streams`` streams cuts files into.
+
+    Half a stream's share (``total / (2 * streams)``), so that largest-first scheduling keeps
+    every stream busy to the end, and at least ``PART_BYTES``: ten 100 MiB files on two streams
+    travel whole, one 10 GiB file in four parts.
+    """
+    return max(PART_BYTES, -(-total // (2 * streams)))
+
+
 def plan_units(
-    resource_id: str, missing: list[str], sizes: dict[str, int], sources: dict[str, Source]
+    resource_id: str,
+    missing: list[str],
+    sizes: dict[str, int],
+    sources: dict[str, Source],
+    streams: int = 1,
 ) -> list[Unit]:
-    """Cut the ``missing`` objects into units (largest first).
+    """Cut the ``missing`` objects into units (largest first) for ``streams`` parallel streams.
 
     Args:
         missing: sha256 digests the server lacks.
-        sizes: sha256 → size in bytes.
+        sizes: sha256 → size in bytes, for every object of the manifest.
         sources: sha256 → where its bytes are.
     """
+    # From the whole manifest's size, not the missing part's: a resumed run must cut the same
+    # parts to find them in the journal.
+    largest_part = part_bytes(sum(sizes.values()), streams)
     units: list[Unit] = []
     small = sorted(d for d in missing if sizes[d] < LARGE_FILE_BYTES)
     pack: list[PackMember] = []
@@ -120,7 +139,7 @@ def plan_units(
     for digest in sorted(d for d in missing if sizes[d] >= LARGE_FILE_BYTES):
         size = sizes[digest]
         meta = {"kind": "object", "sha256": digest, "resource_id": resource_id}
-        count = -(-size // PART_BYTES)
+        count = -(-size // largest_part)
         if count == 1:
             units.append(Unit(f"object:{digest}", SliceBody(sources[digest], 0, size), meta))
             continue
