@@ -33,9 +33,11 @@ from pathlib import Path
 import requests
 
 from anylearn_sdk import init_sdk, sync_dataset
-from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.content.hashing import ScannedFile, hash_files
+from anylearn_sdk.content.manifest import build_manifest, scan
 from anylearn_sdk.protocol import ManifestEntry, manifest_checksum
 from anylearn_sdk.session import get_context, reset
+from anylearn_sdk.store import LocalStore
 
 ONE_MIB = 1024 * 1024
 
@@ -83,6 +85,14 @@ def raw_sha256_rate() -> float:
     buffer = os.urandom(64 * ONE_MIB)
     seconds = best_of(3, lambda: hashlib.sha256(buffer).digest())
     return len(buffer) / seconds
+
+
+def one_worker_seconds(root: Path) -> float:
+    """Best of 2 of hashing every file under ``root`` on one thread (the parallel ceiling is
+    twice that rate on two cores)."""
+    prefix = str(root) + os.sep
+    files = [ScannedFile(k[0], prefix + k[0], *k[1:]) for k in scan(root)]
+    return best_of(2, lambda: hash_files(files, lambda n: None, workers=1))
 
 
 def warm(root: Path) -> None:
@@ -249,7 +259,6 @@ def main() -> int:
 
     try:
         init_sdk(url, token=new_user(url, admin, "bench"))
-        store = get_context().store
         raw = raw_sha256_rate()
         print(f"reference: hashlib sha256 single core {raw / 1e9:.2f} GB/s")
 
@@ -260,17 +269,26 @@ def main() -> int:
             ("small", small, small_bytes, 0.7),
         ):
             warm(root)
-            clock = PhaseClock()
-            start = time.perf_counter()
-            build_manifest(root, store, clock)
-            seconds = time.perf_counter() - start
-            rate = size / clock.seconds("hashing")
+            hashing = seconds = float("inf")
+            for attempt in range(3):  # best of 3, like the reference; each with an empty cache
+                clock = PhaseClock()
+                start = time.perf_counter()
+                build_manifest(root, LocalStore(work / f"cold-{name}-{attempt}.db"), clock)
+                seconds = min(seconds, time.perf_counter() - start)
+                hashing = min(hashing, clock.seconds("hashing"))
+            rate = size / hashing
             report(
                 f"cold hashing, {name} files",
                 f"{rate / 1e9:.2f} GB/s",
                 rate / (2 * raw),
                 f">= {target}",
                 rate / (2 * raw) >= target,
+            )
+            one_thread = one_worker_seconds(root)
+            report(
+                f"  for comparison: 2 x one thread, {name} files",
+                f"{2 * size / one_thread / 1e9:.2f} GB/s",
+                size / one_thread / raw,
             )
             report(
                 f"cold manifest build, {name} files (walk included)",
@@ -322,10 +340,13 @@ def main() -> int:
         )
 
         # Unchanged resubmit.
-        walk_seconds = best_of(5, lambda: walk(str(small)))
+        # Walk and resubmit alternate, each keeping its best of 7, so both see the same machine.
         api = get_context().api
         before = api.sent_bytes
-        resubmit = best_of(5, lambda: sync_dataset(small, progress=False))
+        walk_seconds = resubmit = float("inf")
+        for _ in range(7):
+            walk_seconds = min(walk_seconds, best_of(1, lambda: walk(str(small))))
+            resubmit = min(resubmit, best_of(1, lambda: sync_dataset(small, progress=False)))
         print(
             f"reference: os.scandir walk + stat of {args.small_count} files "
             f"{walk_seconds * 1000:.0f} ms"
@@ -344,7 +365,7 @@ def main() -> int:
             "< 0.3 s",
             resubmit < 0.3,
         )
-        print(f"  request bytes sent by 5 unchanged resubmits: {api.sent_bytes - before}")
+        print(f"  request bytes sent by 7 unchanged resubmits: {api.sent_bytes - before}")
 
         # One changed file.
         changed = next(iter(sorted(small.rglob("*.bin"))))

@@ -22,6 +22,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 from anylearn_sdk.content.hashing import ScannedFile, hash_files
@@ -253,7 +254,7 @@ def build_manifest(
         store,
         str(root),
         fingerprint(files),
-        max((k[2] for k in files), default=0),
+        max(map(itemgetter(2), files), default=0),
         started_ns,
         lambda: _from_files(files, store, root, started_ns, progress, label),
     )
