@@ -22,6 +22,7 @@ from anylearn_sdk.resources.dataset import (
     Model,
     await_ready,
     known_resource,
+    last_known,
     start_sync,
 )
 from anylearn_sdk.resources.project import ensure_project, find_project
@@ -67,13 +68,15 @@ def _sync(
 ) -> Dataset:
     report = resolve_progress(progress)
     ctx = get_context()
-    manifest = _manifest_of(folder, archive, report)
 
     def project_id() -> str:
         return ensure_project(ctx, *find_project(ctx, None, project_name)).id
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anylearn-upload") as pool:
-        pending = start_sync(ctx, kind, manifest, name, project_id, pool, report)
+        source = archive if archive is not None else folder
+        guess = pool.submit(last_known, ctx, kind, str(source.resolve())) if source else None
+        manifest = _manifest_of(folder, archive, report)
+        pending = start_sync(ctx, kind, manifest, name, project_id, pool, report, guess)
         return await_ready(
             ctx, pending, polling=resource_polling, timeout=resource_timeout, progress=report
         )

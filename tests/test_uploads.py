@@ -85,6 +85,18 @@ def test_delta_falls_back_to_the_whole_manifest_when_the_base_is_gone(user, tmp_
     assert second.checksum == build_manifest(data, None).checksum
 
 
+def test_unchanged_folder_deleted_on_the_server_is_sent_again(user, tmp_path):
+    # The resubmit asks about the folder's last checksum while it walks; that answer must not
+    # vouch for a version the server no longer has.
+    data = make_folder(tmp_path / "data", small=20)
+    first = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert sync_dataset(data, progress=False).id == first.id
+    get_context().api.request("DELETE", f"/datasets/{first.id}")
+    again = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert again.id != first.id and again.state == "READY"
+    assert get_context().api.get_json(f"/datasets/{again.id}")["state"] == "READY"
+
+
 def test_large_file_travels_in_parallel_parts(user, tmp_path, monkeypatch):
     monkeypatch.setattr(upload, "LARGE_FILE_BYTES", 256 * 1024)
     monkeypatch.setattr(upload, "PART_BYTES", 1024 * 1024)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from anylearn_sdk.client.http import raise_for_status
 from anylearn_sdk.content.manifest import Manifest
 from anylearn_sdk.errors import (
+    AnylearnError,
     AnylearnTimeoutError,
     InvalidArgumentError,
     NotFoundError,
@@ -112,6 +113,19 @@ def known_resource(ctx: SdkContext, kind: str, checksum: str) -> dict | None:
     return ready[0] if ready else None
 
 
+def last_known(ctx: SdkContext, kind: str, key: str) -> tuple[str, dict | None] | None:
+    """(checksum, :func:`known_resource` of it) for the folder or archive ``key``'s last
+    manifest, or None if it has none.
+
+    Meant to run while the folder is walked again: an unchanged resubmit then costs the longer
+    of the walk and one round trip rather than their sum.
+    """
+    last = ctx.store.folder_manifest(key)
+    if last is None:
+        return None
+    return last.checksum, known_resource(ctx, kind, last.checksum)
+
+
 @dataclass
 class PendingUpload:
     """A version being uploaded: poll it with :func:`await_ready`.
@@ -133,15 +147,24 @@ def start_sync(
     project_id: str | Callable[[], str],
     pool: ThreadPoolExecutor,
     progress: ProgressCallback,
+    guess: Future | None = None,
 ) -> PendingUpload:
     """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``.
 
     Args:
         project_id: the project a new version is filed under, or a callable giving it (asked
             only if a new version must be registered, so an unchanged resubmit skips it).
+        guess: a future of :func:`last_known`, used if it answered for this checksum.
     """
     cls = class_for(kind)
-    known = known_resource(ctx, kind, manifest.checksum)
+    try:
+        guessed = guess.result() if guess is not None else None
+    except AnylearnError:
+        guessed = None  # asked again below; a lasting failure is raised there
+    if guessed is not None and guessed[0] == manifest.checksum:
+        known = guessed[1]
+    else:
+        known = known_resource(ctx, kind, manifest.checksum)
     if known is not None and known["state"] == ResourceState.READY:
         ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known["id"], name)
         progress.message(
