@@ -30,7 +30,8 @@ class TrainTask:
     ``TrainTask(id=..., load_detail=True)`` loads any of the current user's tasks. Attributes
     mirror the server's record: ``id``, ``name``, ``state`` (:class:`TaskState`), ``commit``,
     ``entrypoint``, ``hyperparams``, ``command`` (the exact command line once started),
-    ``exit_code``, ``error``, ``created_at``/``started_at``/``finished_at`` (ISO 8601 strings).
+    ``exit_code``, ``error``, ``attempt`` (1, plus one per re-run after the task's processes
+    were lost), ``created_at``/``started_at``/``finished_at`` (ISO 8601 strings).
 
     Raises:
         NotFoundError: (with ``load_detail=True``) no such task for this user.

@@ -26,7 +26,7 @@ from anylearn_sdk.server.context import (
 from anylearn_sdk.server.db import Mirror, QuotaGroup, make_engine, make_sessionmaker
 from anylearn_sdk.server.executors.local import LocalExecutor
 from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.server.scheduler import Scheduler
+from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
 from anylearn_sdk.states import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def build_context(
     data_dir: Path,
     database_url: str | None = None,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> ServerContext:
     paths = ServerPaths(data_dir)
     engine = make_engine(database_url or f"sqlite:///{data_dir / 'anylearn-server.db'}")
@@ -99,6 +100,7 @@ def build_context(
         tasks_root=paths.tasks,
         materialized_root=paths.materialized,
         executor=LocalExecutor(),
+        max_restarts=max_restarts,
     )
     id_file = paths.root / "server-id"
     if not id_file.exists():

@@ -196,6 +196,9 @@ class TrainTask(Base):
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     num_nodes: Mapped[int] = mapped_column(Integer, default=1)
     nproc_per_node: Mapped[int] = mapped_column(Integer, default=1)
+    #: 1 for the first run; one more each time the task is re-queued after its processes were
+    #: lost (see :meth:`Scheduler.recover`).
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     state: Mapped[str] = mapped_column(String(16), index=True)
     command: Mapped[str | None] = mapped_column(Text, nullable=True)
     pids: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -229,7 +232,8 @@ def make_engine(url: str) -> Engine:
 
 #: ``PRAGMA user_version`` of the current schema. 2: uploads gained concatenation, states and
 #: expiry (uploads are transient, so older upload rows are dropped rather than converted).
-SCHEMA_VERSION = 2
+#: 3: tasks gained ``attempt``.
+SCHEMA_VERSION = 3
 
 
 def _migrate(engine: Engine) -> None:
@@ -239,6 +243,11 @@ def _migrate(engine: Engine) -> None:
         version = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
         if version < 2:
             conn.exec_driver_sql("DROP TABLE IF EXISTS uploads")
+        columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(train_tasks)")}
+        if columns and "attempt" not in columns:
+            conn.exec_driver_sql(
+                "ALTER TABLE train_tasks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1"
+            )
         if version < SCHEMA_VERSION:
             conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

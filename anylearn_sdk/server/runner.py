@@ -25,6 +25,7 @@ from anylearn_sdk.server.api.accounts import create_user, issue_token
 from anylearn_sdk.server.app import build_context, create_app
 from anylearn_sdk.server.context import DEFAULT_UPLOAD_EXPIRY, ServerContext
 from anylearn_sdk.server.db import User
+from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS
 
 ADMIN_USERNAME = "admin"
 
@@ -45,7 +46,11 @@ def bootstrap_admin(ctx: ServerContext, data_dir: Path) -> None:
 
 
 def serve(
-    host: str, port: int, data_dir: Path, upload_expiry: float = DEFAULT_UPLOAD_EXPIRY
+    host: str,
+    port: int,
+    data_dir: Path,
+    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> None:
     """Bind ``host:port`` (0 = any free port), then serve until SIGINT/SIGTERM.
 
@@ -54,7 +59,7 @@ def serve(
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ctx = build_context(data_dir, upload_expiry=upload_expiry)
+    ctx = build_context(data_dir, upload_expiry=upload_expiry, max_restarts=max_restarts)
     bootstrap_admin(ctx, data_dir)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -93,6 +98,15 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_UPLOAD_EXPIRY,
         help="seconds an unfinished upload is kept after its last byte (default: one day)",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=DEFAULT_MAX_RESTARTS,
+        help="times a task whose processes were lost (server or machine restart) is run again "
+        f"in its working directory before it fails (default: {DEFAULT_MAX_RESTARTS})",
+    )
     args = parser.parse_args(argv)
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts {args.max_restarts}: use 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(args.host, args.port, args.data_dir, args.upload_expiry)
+    serve(args.host, args.port, args.data_dir, args.upload_expiry, args.max_restarts)

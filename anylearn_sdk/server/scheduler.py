@@ -29,7 +29,7 @@ from anylearn_sdk.protocol import (
 from anylearn_sdk.server import gitrepos
 from anylearn_sdk.server.db import Mirror, QuotaGroup, Resource, TrainTask, utcnow
 from anylearn_sdk.server.executors.base import Executor, RunSpec
-from anylearn_sdk.server.executors.local import kill_stale, write_python_shim
+from anylearn_sdk.server.executors.local import LOST, kill_stale, write_python_shim
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.states import ResourceState, TaskState
 
@@ -38,6 +38,8 @@ TICK_SECONDS = 0.2
 #: Variables of the server's environment that a task inherits; nothing else leaks (no tokens).
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER")
 RESOURCE_KEYS = ("cpu", "memory_mb", "gpu")
+#: Times a task whose processes were lost is run again before it fails.
+DEFAULT_MAX_RESTARTS = 2
 
 
 def fits(request: dict, allocated: dict, capacity: dict) -> bool:
@@ -70,6 +72,7 @@ class Scheduler:
         tasks_root: Path,
         materialized_root: Path,
         executor: Executor,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
     ):
         self.sessions = sessions
         self.objects = objects
@@ -77,6 +80,7 @@ class Scheduler:
         self.tasks_root = tasks_root
         self.materialized_root = materialized_root
         self.executor = executor
+        self.max_restarts = max_restarts
         self.lock = threading.RLock()
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-bg")
         self._periodic: list[list] = []  # [interval seconds, next due (monotonic), callable]
@@ -86,7 +90,7 @@ class Scheduler:
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        self._fail_orphans()
+        self.recover()
         self._thread = threading.Thread(target=self._loop, name="anylearn-scheduler", daemon=True)
         self._thread.start()
 
@@ -126,17 +130,49 @@ class Scheduler:
             self._wake.wait(TICK_SECONDS)
             self._wake.clear()
 
-    def _fail_orphans(self) -> None:
-        """Tasks RUNNING when the server last stopped cannot be watched: end and fail them."""
+    def recover(self) -> None:
+        """Follow again the tasks that were RUNNING when the server last stopped.
+
+        Their processes outlive the server (each rank leads its own session). A task whose
+        ranks were recorded is attached to, and the next ticks see it run on, end with its
+        exit code, or be lost (then re-queued, see :meth:`_lost`). Rows from before ranks
+        were recorded have only pids: those processes are ended and the task is lost.
+        """
         with self.lock, self.sessions() as session:
             for task in session.scalars(
                 select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
             ):
-                kill_stale(task.id, task.pids or [])
-                self._finish(
-                    session, task, TaskState.FAILED, None, "the server restarted while it ran"
-                )
+                recorded = task.pids or []
+                if recorded and all(isinstance(r, dict) for r in recorded):
+                    self.executor.attach(task.id, recorded)
+                else:
+                    kill_stale(task.id, [int(p) for p in recorded])
+                    self._lost(session, task)
             session.commit()
+
+    def _lost(self, session: Session, task: TrainTask) -> None:
+        """A running task's processes vanished without an exit status (its process group was
+        killed, or the machine restarted): run it again in the same working directory, so a
+        script that checkpoints into its output resumes, up to ``max_restarts`` times."""
+        if task.attempt > self.max_restarts:
+            self._finish(
+                session,
+                task,
+                TaskState.FAILED,
+                None,
+                f"its processes were lost on attempt {task.attempt} "
+                f"(max_restarts={self.max_restarts})",
+            )
+            return
+        paths = TaskPaths(self.tasks_root, task)
+        with open(paths.log, "a", encoding="utf-8") as f:
+            f.write(
+                f"[anylearn] attempt {task.attempt} lost its processes; "
+                f"queued again as attempt {task.attempt + 1}\n"
+            )
+        task.attempt += 1
+        task.state = TaskState.QUEUED.value
+        task.pids = []
 
     # one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -146,7 +182,9 @@ class Scheduler:
                 select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
             ):
                 code = self.executor.poll(task.id)
-                if code is None:
+                if code == LOST:
+                    self._lost(session, task)
+                elif code is None:
                     for k in RESOURCE_KEYS:
                         allocated[task.quota_group_id][k] += task.request.get(k, 0)
                 else:
@@ -222,8 +260,7 @@ class Scheduler:
         self.objects.materialize((ManifestEntry.from_json(e) for e in res.manifest), dest)
         return dest
 
-    def _prepare(self, session: Session, task: TrainTask, paths: TaskPaths) -> RunSpec:
-        paths.root.mkdir(parents=True, exist_ok=True)
+    def _checkout(self, task: TrainTask, paths: TaskPaths) -> None:
         try:
             gitrepos.checkout(self.repos_root / f"{task.algorithm_id}.git", task.commit, paths.code)
         except RuntimeError as err:
@@ -233,6 +270,15 @@ class Scheduler:
                 f"output {task.output!r} exists in commit {task.commit} and is not empty"
             )
         paths.output.mkdir(parents=True, exist_ok=True)
+
+    def _prepare(self, session: Session, task: TrainTask, paths: TaskPaths) -> RunSpec:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        if task.attempt > 1 and paths.code.is_dir():
+            # A re-run continues in the working directory it was lost in, output included.
+            with open(paths.log, "a", encoding="utf-8") as f:
+                f.write(f"[anylearn] attempt {task.attempt}, in the same working directory\n")
+        else:
+            self._checkout(task, paths)
 
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         mirror = session.get(Mirror, task.mirror_id)
@@ -265,6 +311,7 @@ class Scheduler:
             command=command,
             env=env,
             log_path=paths.log,
+            status_dir=paths.root / ".anylearn" / "status",
             num_nodes=task.num_nodes,
             nproc_per_node=task.nproc_per_node,
         )

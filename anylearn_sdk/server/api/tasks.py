@@ -81,6 +81,7 @@ def task_json(t: TrainTask) -> dict:
         "nproc_per_node": t.nproc_per_node,
         "command": t.command,
         "exit_code": t.exit_code,
+        "attempt": t.attempt,
         "error": t.error,
         "created_at": iso(t.created_at),
         "started_at": iso(t.started_at),

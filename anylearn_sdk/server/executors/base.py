@@ -19,6 +19,8 @@ class RunSpec:
         log_path: file that receives stdout and stderr of every rank.
         num_nodes: nodes; on the local executor every node is a group of local processes.
         nproc_per_node: processes per node.
+        status_dir: folder where the executor keeps what outlives the server process (each
+            rank's exit status).
     """
 
     task_id: str
@@ -26,16 +28,21 @@ class RunSpec:
     command: str
     env: dict[str, str] = field(repr=False)
     log_path: Path
+    status_dir: Path
     num_nodes: int = 1
     nproc_per_node: int = 1
 
 
 class Executor(Protocol):
-    def start(self, spec: RunSpec) -> list[int]:
-        """Start the task; returns the pid of every rank's process-group leader."""
+    def start(self, spec: RunSpec) -> list[dict]:
+        """Start the task; returns a JSON record per rank, for :meth:`attach` after a restart."""
 
-    def poll(self, task_id: str) -> int | None:
-        """None while running; otherwise the task's exit code (the first non-zero rank's)."""
+    def attach(self, task_id: str, recorded: list[dict]) -> None:
+        """Follow a task an earlier server process started, from :meth:`start`'s records."""
+
+    def poll(self, task_id: str) -> int | str | None:
+        """None while running; the task's exit code (the first non-zero rank's) once ended;
+        ``"lost"`` if a rank vanished without an exit status (see the local executor)."""
 
     def cancel(self, task_id: str) -> None:
         """End every process of the task (SIGTERM, then SIGKILL after a grace period)."""

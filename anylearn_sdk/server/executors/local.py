@@ -4,6 +4,14 @@ Every rank gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, 
 ``MASTER_ADDR`` and ``MASTER_PORT`` as torchrun sets them (PyTorch "torchrun (Elastic
 Launch)", environment variables), so ``torch.distributed.init_process_group("env://")`` works.
 The task fails as a whole when one rank exits non-zero: the other ranks are ended.
+
+Each rank's command runs under a small ``sh`` supervisor that writes the command's exit status
+to ``<status_dir>/rank-<N>.exit``, and each rank is recorded as (pid, kernel start time). A
+server that restarts is no longer the parent of its task processes, yet can still follow them
+(:meth:`LocalExecutor.attach`): a rank is running while a process with that pid *and* start
+time lives (a reused pid is a different process), has ended with the code in its file, or is
+:data:`LOST` if it vanished without writing one (its whole process group was killed, or the
+machine restarted).
 """
 
 from __future__ import annotations
@@ -13,11 +21,71 @@ import signal
 import socket
 import subprocess
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from anylearn_sdk.server.executors.base import RunSpec
 
 CANCEL_GRACE_SECONDS = 5.0
+#: What :meth:`LocalExecutor.poll` answers for a task one of whose ranks vanished unrecorded.
+LOST = "lost"
+#: ``sh -c SUPERVISOR anylearn-rank COMMAND EXIT_FILE``: run COMMAND, record its status.
+SUPERVISOR = (
+    '/bin/sh -c "$1"; code=$?; echo "$code" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$code"'
+)
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks after boot), or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":  # a zombie has ended
+        return None
+    return int(fields[19])
+
+
+@dataclass
+class Rank:
+    """One rank: the pid of its process-group leader, its start time and its exit file."""
+
+    pid: int
+    start_time: int | None
+    exit_file: Path
+    proc: subprocess.Popen | None = None  # set while this server process is its parent
+
+    def to_json(self) -> dict:
+        return {"pid": self.pid, "start_time": self.start_time, "exit_file": str(self.exit_file)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Rank:
+        return cls(int(data["pid"]), data.get("start_time"), Path(data["exit_file"]))
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.start_time is not None and start_time(self.pid) == self.start_time
+
+    def poll(self) -> int | str | None:
+        """None while running, the exit code once ended, or :data:`LOST`."""
+        if self.proc is not None:
+            return self.proc.poll()
+        if self.alive():
+            return None
+        try:
+            return int(self.exit_file.read_text().strip())
+        except (OSError, ValueError):
+            return LOST
+
+    def kill(self, sig: int) -> None:
+        """Signal the rank's process group. A child not yet reaped keeps its pid reserved, so
+        its group is signalled even after it exited (reaping what it forked); a rank followed
+        after a restart only while its start time proves it is the same process."""
+        if self.proc is not None or self.alive():
+            _kill_group(self.pid, sig)
 
 
 def free_port() -> int:
@@ -37,13 +105,14 @@ class LocalExecutor:
     """Runs each rank as the leader of its own process group (``start_new_session``)."""
 
     def __init__(self) -> None:
-        self._procs: dict[str, list[subprocess.Popen]] = {}
+        self._ranks: dict[str, list[Rank]] = {}
         self._lock = threading.Lock()
 
-    def start(self, spec: RunSpec) -> list[int]:
+    def start(self, spec: RunSpec) -> list[dict]:
         world_size = spec.num_nodes * spec.nproc_per_node
         master_port = str(free_port())
-        procs: list[subprocess.Popen] = []
+        spec.status_dir.mkdir(parents=True, exist_ok=True)
+        ranks: list[Rank] = []
         with open(spec.log_path, "ab") as log:
             for rank in range(world_size):
                 env = dict(spec.env)
@@ -56,61 +125,66 @@ class LocalExecutor:
                     MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=master_port,
                 )
-                procs.append(
-                    subprocess.Popen(
-                        ["/bin/sh", "-c", spec.command],
-                        cwd=spec.cwd,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
+                exit_file = spec.status_dir / f"rank-{rank}.exit"
+                exit_file.unlink(missing_ok=True)
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", SUPERVISOR, "anylearn-rank", spec.command, str(exit_file)],
+                    cwd=spec.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
+                ranks.append(Rank(proc.pid, start_time(proc.pid), exit_file, proc))
         with self._lock:
-            self._procs[spec.task_id] = procs
-        return [p.pid for p in procs]
+            self._ranks[spec.task_id] = ranks
+        return [r.to_json() for r in ranks]
 
-    def poll(self, task_id: str) -> int | None:
+    def attach(self, task_id: str, recorded: list[dict]) -> None:
+        """Follow ranks an earlier server process started (``start``'s records)."""
         with self._lock:
-            procs = self._procs.get(task_id)
-        if procs is None:
-            return -1
-        codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed:
-            for p in procs:
-                if p.poll() is None:
-                    _kill_group(p.pid, signal.SIGKILL)
-            for p in procs:
-                p.wait()
-        elif any(c is None for c in codes):
+            self._ranks[task_id] = [Rank.from_json(r) for r in recorded]
+
+    def poll(self, task_id: str) -> int | str | None:
+        with self._lock:
+            ranks = self._ranks.get(task_id)
+        if ranks is None:
+            return LOST
+        codes = [r.poll() for r in ranks]
+        ended = [c for c in codes if c is not None and c != 0]
+        if not ended and any(c is None for c in codes):
             return None
-        # Reap any leftover children of each rank's group (a rank that forked workers).
-        for p in procs:
-            _kill_group(p.pid, signal.SIGKILL)
+        for r in ranks:  # the task ends as a whole; also reaps what each rank's group forked
+            r.kill(signal.SIGKILL)
+        for r in ranks:
+            if r.proc is not None:
+                r.proc.wait()
         with self._lock:
-            self._procs.pop(task_id, None)
-        return failed[0] if failed else 0
+            self._ranks.pop(task_id, None)
+        lost = [c for c in ended if c == LOST]
+        return LOST if lost else (ended[0] if ended else 0)
 
     def cancel(self, task_id: str) -> None:
         with self._lock:
-            procs = self._procs.pop(task_id, [])
-        for p in procs:
-            _kill_group(p.pid, signal.SIGTERM)
+            ranks = self._ranks.pop(task_id, [])
+        for r in ranks:
+            r.kill(signal.SIGTERM)
 
         def escalate() -> None:
-            for p in procs:
-                try:
-                    p.wait(timeout=CANCEL_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    _kill_group(p.pid, signal.SIGKILL)
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while any(r.alive() for r in ranks) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for r in ranks:
+                r.kill(signal.SIGKILL)
+                if r.proc is not None:
+                    r.proc.wait()
 
         threading.Thread(target=escalate, name=f"cancel-{task_id}", daemon=True).start()
 
     def shutdown(self) -> None:
         with self._lock:
-            self._procs.clear()
+            self._ranks.clear()
 
 
 def kill_stale(task_id: str, pids: list[int]) -> None:

@@ -1,0 +1,120 @@
+"""Restart recovery: the server is SIGKILLed while tasks run, then started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from anylearn_sdk import TaskState, TrainTask, init_sdk, quick_train
+from tests.conftest import git
+from tests.test_quick_train import processes_of
+
+pytestmark = pytest.mark.integration
+
+#: Task A waits for a file the test creates after the restart; task B checkpoints into its
+#: output, then waits to be killed; run again, it resumes from the checkpoint and finishes.
+SCRIPT = textwrap.dedent("""
+    import os, pathlib, sys, time
+    mode, release = sys.argv[1], pathlib.Path(sys.argv[2])
+    ckpt = pathlib.Path(os.environ["ANYLEARN_OUTPUT_DIR"]) / "ckpt.txt"
+    if mode == "survive":
+        print("waiting", flush=True)
+        while not release.exists():
+            time.sleep(0.05)
+        print("released", flush=True)
+    elif ckpt.exists():
+        print("resumed from checkpoint", ckpt.read_text(), flush=True)
+    else:
+        ckpt.write_text("1")
+        print("checkpoint written", flush=True)
+        time.sleep(600)
+""")
+
+
+def start_server(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
+         "--port", str(port)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = data_dir / "server.json"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if address.exists():
+            info = json.loads(address.read_text())
+            if info["pid"] == proc.pid:
+                return proc, info["url"]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def wait_for_log(task: TrainTask, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = task.logs()[0]
+        if text in log:
+            return log
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in the log of {task.id}: {task.logs()[0]!r}")
+
+
+def test_sigkilled_server_reattaches_and_requeues(tmp_path, dataset_dir):
+    repo = tmp_path / "algo"
+    repo.mkdir()
+    (repo / "job.py").write_text(SCRIPT)
+    git("init", "-q", "-b", "main", cwd=repo)
+    git("add", ".", cwd=repo)
+    git("commit", "-qm", "job", cwd=repo)
+    data_dir = tmp_path / "server"
+    release = tmp_path / "release"
+    server, url = start_server(data_dir)
+    try:
+        admin = json.loads((data_dir / "admin-credentials.json").read_text())["token"]
+        requests.post(
+            f"{url}/api/v1/quota-groups",
+            json={"name": "pair", "capacity": {"cpu": 2}},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        ).raise_for_status()
+        init_sdk(url, token=admin)
+        common = dict(
+            algorithm_dir=repo, dataset_dir=dataset_dir, quota_group_name="pair",
+            resource_polling=0.2,
+        )  # fmt: skip
+        survivor = quick_train(entrypoint=f"python job.py survive {release}", **common)[0]
+        lost = quick_train(entrypoint=f"python job.py checkpoint {release}", **common)[0]
+        wait_for_log(survivor, "waiting")
+        wait_for_log(lost, "checkpoint written")
+
+        server.kill()  # SIGKILL: no shutdown code runs
+        server.wait()
+        for group in {os.getpgid(pid) for pid in processes_of(lost.id)}:  # the second task
+            os.killpg(group, signal.SIGKILL)  # dies with it, supervisor included
+        assert processes_of(survivor.id), "the first task must outlive the server"
+
+        server, _ = start_server(data_dir, port=int(url.rsplit(":", 1)[1]))  # same address
+        release.touch()
+        assert survivor.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+        assert lost.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+        survivor.refresh()
+        lost.refresh()
+        assert survivor.attempt == 1 and survivor.exit_code == 0
+        assert lost.attempt == 2 and lost.exit_code == 0
+        log = lost.logs()[0]
+        assert "attempt 1 lost its processes" in log
+        assert "resumed from checkpoint 1" in log
+        assert "released" in survivor.logs()[0]
+        assert processes_of(survivor.id) == [] and processes_of(lost.id) == []
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
