@@ -69,13 +69,22 @@ def _mmap_enabled() -> bool:
     return os.environ.get(MMAP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _hash_mapped(fd: int, path: str, size: int, on_bytes: Callable[[int], None] | None) -> str:
+def _hash_mapped(
+    fd: int, path: str, size: int, on_bytes: Callable[[int], None] | None
+) -> str | None:
+    """The digest, or None if the file cannot be mapped at all (some FUSE mounts)."""
     digest = hashlib.sha256()
     for offset in range(0, size, HASH_WINDOW_BYTES):
         if os.fstat(fd).st_size != size:
             raise _changed(path)
         length = min(HASH_WINDOW_BYTES, size - offset)
-        with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset) as window:
+        try:
+            window = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+        except (OSError, ValueError):
+            if offset == 0:
+                return None
+            raise
+        with window:
             digest.update(window)
         if on_bytes is not None:
             on_bytes(length)
@@ -105,13 +114,9 @@ def hash_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
     try:
         size = os.fstat(fd).st_size
         if size and _mmap_enabled():
-            try:
-                with mmap.mmap(fd, min(size, HASH_WINDOW_BYTES), access=mmap.ACCESS_READ):
-                    pass
-            except (OSError, ValueError):  # a filesystem that cannot map (some FUSE mounts)
-                pass
-            else:
-                return _hash_mapped(fd, path, size, on_bytes)
+            digest = _hash_mapped(fd, path, size, on_bytes)
+            if digest is not None:
+                return digest
         return _hash_read(fd, on_bytes)
     finally:
         os.close(fd)
