@@ -55,7 +55,14 @@ class TaskPaths:
         self.code = self.root / "code"
         self.log = self.root / "task.log"
         self.bin = self.root / ".anylearn" / "bin"
+        self.status = self.root / ".anylearn" / "status"
         self.output = self.code / task.output
+
+    def note(self, text: str) -> None:
+        """Append ``[anylearn] text`` to the task's log, if its folder exists."""
+        if self.root.is_dir():
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(f"[anylearn] {text}\n")
 
 
 class PrepareError(RuntimeError):
@@ -164,12 +171,9 @@ class Scheduler:
                 f"(max_restarts={self.max_restarts})",
             )
             return
-        paths = TaskPaths(self.tasks_root, task)
-        with open(paths.log, "a", encoding="utf-8") as f:
-            f.write(
-                f"[anylearn] attempt {task.attempt} lost its processes; "
-                f"queued again as attempt {task.attempt + 1}\n"
-            )
+        TaskPaths(self.tasks_root, task).note(
+            f"attempt {task.attempt} lost its processes; queued again as attempt {task.attempt + 1}"
+        )
         task.attempt += 1
         task.state = TaskState.QUEUED.value
         task.pids = []
@@ -229,10 +233,9 @@ class Scheduler:
         task.exit_code = code
         task.error = error
         task.finished_at = utcnow()
-        paths = TaskPaths(self.tasks_root, task)
-        if paths.root.exists():
-            with open(paths.log, "a", encoding="utf-8") as f:
-                f.write(f"[anylearn] task {state.value}" + (f": {error}" if error else "") + "\n")
+        TaskPaths(self.tasks_root, task).note(
+            f"task {state.value}" + (f": {error}" if error else "")
+        )
 
     # starting a task -----------------------------------------------------------------------
     def _launch(self, session: Session, task: TrainTask) -> None:
@@ -275,8 +278,7 @@ class Scheduler:
         paths.root.mkdir(parents=True, exist_ok=True)
         if task.attempt > 1 and paths.code.is_dir():
             # A re-run continues in the working directory it was lost in, output included.
-            with open(paths.log, "a", encoding="utf-8") as f:
-                f.write(f"[anylearn] attempt {task.attempt}, in the same working directory\n")
+            paths.note(f"attempt {task.attempt}, in the same working directory")
         else:
             self._checkout(task, paths)
 
@@ -303,15 +305,14 @@ class Scheduler:
             hyperparams.setdefault(name, value)
         words = format_hyperparams(hyperparams, task.hyperparams_prefix, task.hyperparams_delimiter)
         command = " ".join([substitute_placeholders(task.entrypoint, env), *words])
-        with open(paths.log, "a", encoding="utf-8") as f:
-            f.write(f"[anylearn] running: {command}\n")
+        paths.note(f"running: {command}")
         return RunSpec(
             task_id=task.id,
             cwd=paths.code,
             command=command,
             env=env,
             log_path=paths.log,
-            status_dir=paths.root / ".anylearn" / "status",
+            status_dir=paths.status,
             num_nodes=task.num_nodes,
             nproc_per_node=task.nproc_per_node,
         )
