@@ -123,6 +123,10 @@ def _check_request(request: Mapping[str, Any] | None) -> dict[str, float] | None
     for key, value in request.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise InvalidArgumentError(f"quota_group_request[{key!r}] = {value!r} must be >= 0")
+        if key != "cpu" and value != int(value):
+            raise InvalidArgumentError(
+                f"quota_group_request[{key!r}] = {value!r} must be a whole number"
+            )
     return {k: request.get(k, 0) for k in REQUEST_KEYS}
 
 
@@ -247,6 +251,7 @@ def quick_train(
     # 2. Resolve every name and id on the server (read-only).
     ctx = get_context()
     group = resolve_quota_group(ctx, quota_group_name or DEFAULT_QUOTA_GROUP)
+    group.check_fits(request)
     mirror = resolve_mirror(ctx, mirror_name)
     found_project, new_project_name = find_project(ctx, project_id, project_name)
     existing_datasets = [get_ready(ctx, "dataset", i, "dataset_id") for i in dataset_ids]

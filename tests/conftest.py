@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from anylearn_sdk import local_backend
+from anylearn_sdk import TrainTask, local_backend
 from anylearn_sdk import session as sdk_session
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -159,3 +161,37 @@ def repo_state(repo: Path) -> dict:
         "status": git("status", "--porcelain", cwd=repo),
         "refs": git("for-each-ref", cwd=repo),
     }
+
+
+def start_server(data_dir: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """A backend process of the test's own (``args`` are extra options); returns it and its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
+         "--port", str(port), *args],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = data_dir / "server.json"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if address.exists():
+            info = json.loads(address.read_text())
+            if info["pid"] == proc.pid:
+                return proc, info["url"]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def admin_token(data_dir: Path) -> str:
+    return json.loads((data_dir / "admin-credentials.json").read_text())["token"]
+
+
+def wait_for_log(task: TrainTask, text: str, timeout: float = 60) -> str:
+    """The task's log once it contains ``text``; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = task.logs()[0]
+        if text in log:
+            return log
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in the log of {task.id}: {task.logs()[0]!r}")

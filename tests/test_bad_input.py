@@ -44,6 +44,11 @@ CASES = {
     "unknown mirror": (lambda repo, tmp: {"mirror_name": "nope"}, "available: QUICKSTART"),
     "bad hyperparams": (lambda repo, tmp: {"hyperparams": {"lr": [1, 2]}}, "hyperparams['lr']"),
     "bad request": (lambda repo, tmp: {"quota_group_request": {"tpu": 1}}, "tpu"),
+    "half a GPU": (lambda repo, tmp: {"quota_group_request": {"gpu": 0.5}}, "whole number"),
+    "request over capacity": (
+        lambda repo, tmp: {"quota_group_request": {"cpu": 4096}},
+        "exceeds quota group 'default' capacity (cpu=4096 > ",
+    ),
 }
 
 

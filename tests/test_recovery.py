@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from anylearn_sdk import TaskState, TrainTask, init_sdk, quick_train
-from tests.conftest import git
+from anylearn_sdk import TaskState, init_sdk, quick_train
+from tests.conftest import admin_token, git, start_server, wait_for_log
 from tests.test_quick_train import processes_of
 
 pytestmark = pytest.mark.integration
@@ -40,34 +35,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def start_server(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
-         "--port", str(port)],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    address = data_dir / "server.json"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if address.exists():
-            info = json.loads(address.read_text())
-            if info["pid"] == proc.pid:
-                return proc, info["url"]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("the server did not start")
-
-
-def wait_for_log(task: TrainTask, text: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = task.logs()[0]
-        if text in log:
-            return log
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not in the log of {task.id}: {task.logs()[0]!r}")
-
-
 def test_sigkilled_server_reattaches_and_requeues(tmp_path, dataset_dir):
     repo = tmp_path / "algo"
     repo.mkdir()
@@ -79,7 +46,7 @@ def test_sigkilled_server_reattaches_and_requeues(tmp_path, dataset_dir):
     release = tmp_path / "release"
     server, url = start_server(data_dir)
     try:
-        admin = json.loads((data_dir / "admin-credentials.json").read_text())["token"]
+        admin = admin_token(data_dir)
         requests.post(
             f"{url}/api/v1/quota-groups",
             json={"name": "pair", "capacity": {"cpu": 2}},

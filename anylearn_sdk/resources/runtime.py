@@ -17,6 +17,23 @@ class QuotaGroup:
     capacity: dict
     default_request: dict
 
+    def check_fits(self, request: dict | None) -> dict:
+        """The request a task gets (``request``, or the group's default), if the group could
+        ever hold it.
+
+        Raises:
+            InvalidArgumentError: a resource is asked for beyond the group's whole capacity,
+                so the task would wait forever (the server refuses it the same way).
+        """
+        wanted = dict(self.default_request if request is None else request)
+        over = [k for k, v in wanted.items() if v > self.capacity.get(k, 0)]
+        if over:
+            shown = ", ".join(f"{k}={wanted[k]} > {self.capacity.get(k, 0)}" for k in over)
+            raise InvalidArgumentError(
+                f"quota_group_request exceeds quota group {self.name!r} capacity ({shown})"
+            )
+        return wanted
+
 
 @dataclass(frozen=True)
 class Mirror:

@@ -24,7 +24,8 @@ from anylearn_sdk.server.context import (
     ServerPaths,
 )
 from anylearn_sdk.server.db import Mirror, QuotaGroup, make_engine, make_sessionmaker
-from anylearn_sdk.server.executors.local import LocalExecutor
+from anylearn_sdk.server.environments import Environments
+from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
 from anylearn_sdk.states import ErrorCode
@@ -66,8 +67,9 @@ def _validation_message(err: RequestValidationError) -> str:
     return f"{where or 'request'}: {first.get('msg', 'invalid')}{shown}"
 
 
-def ensure_defaults(ctx: ServerContext) -> None:
-    """Create the QUICKSTART mirror and the ``default`` quota group if they are missing."""
+def ensure_defaults(ctx: ServerContext, *, gpus: int = 0) -> None:
+    """Create the QUICKSTART mirror and the ``default`` quota group (this machine's CPUs,
+    half its memory and ``gpus`` GPUs) if they are missing."""
     with ctx.sessions() as session:
         if session.scalar(select(Mirror).where(Mirror.name == QUICKSTART_MIRROR)) is None:
             session.add(Mirror(name=QUICKSTART_MIRROR, python=sys.executable))
@@ -76,7 +78,11 @@ def ensure_defaults(ctx: ServerContext) -> None:
             session.add(
                 QuotaGroup(
                     name=DEFAULT_QUOTA_GROUP,
-                    capacity={"cpu": float(os.cpu_count() or 1), "memory_mb": memory_mb, "gpu": 0},
+                    capacity={
+                        "cpu": float(os.cpu_count() or 1),
+                        "memory_mb": memory_mb,
+                        "gpu": gpus,
+                    },
                     default_request={"cpu": 1.0, "memory_mb": 0, "gpu": 0},
                 )
             )
@@ -88,6 +94,7 @@ def build_context(
     database_url: str | None = None,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
+    gpus: int | None = None,
 ) -> ServerContext:
     paths = ServerPaths(data_dir)
     engine = make_engine(database_url or f"sqlite:///{data_dir / 'anylearn-server.db'}")
@@ -100,7 +107,9 @@ def build_context(
         tasks_root=paths.tasks,
         materialized_root=paths.materialized,
         executor=LocalExecutor(),
+        environments=Environments(paths.environments),
         max_restarts=max_restarts,
+        gpus=detect_gpus() if gpus is None else gpus,
     )
     id_file = paths.root / "server-id"
     if not id_file.exists():
@@ -113,7 +122,7 @@ def build_context(
         server_id=id_file.read_text().strip(),
         upload_expiry=upload_expiry,
     )
-    ensure_defaults(ctx)
+    ensure_defaults(ctx, gpus=scheduler.gpus)
     return ctx
 
 

@@ -31,6 +31,7 @@ class ServerPaths:
     uploads: Path = field(init=False)
     tasks: Path = field(init=False)
     materialized: Path = field(init=False)
+    environments: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.objects = self.root / "objects"
@@ -38,6 +39,7 @@ class ServerPaths:
         self.uploads = self.root / "uploads"
         self.tasks = self.root / "tasks"
         self.materialized = self.root / "materialized"
+        self.environments = self.root / "environments"
         for p in (self.objects, self.repos, self.uploads, self.tasks, self.materialized):
             p.mkdir(parents=True, exist_ok=True)
 

@@ -202,6 +202,10 @@ class TrainTask(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     command: Mapped[str | None] = mapped_column(Text, nullable=True)
     pids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: How the current attempt runs: ``environment`` (its key, or None without a
+    #: requirements.txt), ``python``, ``gpus`` (device indices) and ``env`` (the variables
+    #: every rank gets besides the per-rank ones).
+    runtime: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -233,7 +237,12 @@ def make_engine(url: str) -> Engine:
 #: ``PRAGMA user_version`` of the current schema. 2: uploads gained concatenation, states and
 #: expiry (uploads are transient, so older upload rows are dropped rather than converted).
 #: 3: tasks gained ``attempt``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+#: Columns added to ``train_tasks`` after its first release, with their SQLite definitions.
+_ADDED_TASK_COLUMNS = {
+    "attempt": "INTEGER NOT NULL DEFAULT 1",
+    "runtime": "JSON NOT NULL DEFAULT '{}'",
+}
 
 
 def _migrate(engine: Engine) -> None:
@@ -244,10 +253,9 @@ def _migrate(engine: Engine) -> None:
         if version < 2:
             conn.exec_driver_sql("DROP TABLE IF EXISTS uploads")
         columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(train_tasks)")}
-        if columns and "attempt" not in columns:
-            conn.exec_driver_sql(
-                "ALTER TABLE train_tasks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1"
-            )
+        for name, definition in _ADDED_TASK_COLUMNS.items():
+            if columns and name not in columns:
+                conn.exec_driver_sql(f"ALTER TABLE train_tasks ADD COLUMN {name} {definition}")
         if version < SCHEMA_VERSION:
             conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

@@ -51,15 +51,19 @@ def serve(
     data_dir: Path,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
+    gpus: int | None = None,
 ) -> None:
     """Bind ``host:port`` (0 = any free port), then serve until SIGINT/SIGTERM.
+
+    ``gpus`` is the number of GPU devices tasks may be given (None: as many as ``nvidia-smi
+    -L`` lists).
 
     Accepted connections inherit ``TCP_NODELAY`` from the listening socket (Linux), so the
     small responses to chunked uploads are never held back by Nagle's algorithm.
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ctx = build_context(data_dir, upload_expiry=upload_expiry, max_restarts=max_restarts)
+    ctx = build_context(data_dir, upload_expiry=upload_expiry, max_restarts=max_restarts, gpus=gpus)
     bootstrap_admin(ctx, data_dir)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -105,8 +109,16 @@ def main(argv: list[str] | None = None) -> None:
         help="times a task whose processes were lost (server or machine restart) is run again "
         f"in its working directory before it fails (default: {DEFAULT_MAX_RESTARTS})",
     )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPU devices tasks may be given, as CUDA_VISIBLE_DEVICES indices 0..N-1 "
+        "(default: as many as `nvidia-smi -L` lists)",
+    )
     args = parser.parse_args(argv)
-    if args.max_restarts < 0:
-        parser.error(f"--max-restarts {args.max_restarts}: use 0 or more")
+    for option in ("max_restarts", "gpus"):
+        if (getattr(args, option) or 0) < 0:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: use 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(args.host, args.port, args.data_dir, args.upload_expiry, args.max_restarts)
+    serve(args.host, args.port, args.data_dir, args.upload_expiry, args.max_restarts, args.gpus)

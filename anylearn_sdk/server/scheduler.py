@@ -14,7 +14,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -28,6 +29,11 @@ from anylearn_sdk.protocol import (
 )
 from anylearn_sdk.server import gitrepos
 from anylearn_sdk.server.db import Mirror, QuotaGroup, Resource, TrainTask, utcnow
+from anylearn_sdk.server.environments import (
+    REQUIREMENTS_FILE,
+    EnvironmentBuildError,
+    Environments,
+)
 from anylearn_sdk.server.executors.base import Executor, RunSpec
 from anylearn_sdk.server.executors.local import LOST, kill_stale, write_python_shim
 from anylearn_sdk.server.objects import ObjectStore
@@ -65,6 +71,21 @@ class TaskPaths:
                 f.write(f"[anylearn] {text}\n")
 
 
+def _search_path(*dirs: Path) -> str:
+    """``PATH`` for a task: ``dirs`` first, then the server's own ``PATH``."""
+    return os.pathsep.join([*map(str, dirs), os.environ.get("PATH", "/usr/bin:/bin")])
+
+
+@dataclass
+class _Prepared:
+    """A task checked out and ready to start once its environment (if any) is built."""
+
+    spec: RunSpec
+    python: str  # the mirror's interpreter
+    environment: str | None  # the environment's key; None without a requirements.txt
+    build: Future[Path] | None
+
+
 class PrepareError(RuntimeError):
     """The task cannot start (bad commit, output path taken in the commit, missing data)."""
 
@@ -79,7 +100,9 @@ class Scheduler:
         tasks_root: Path,
         materialized_root: Path,
         executor: Executor,
+        environments: Environments,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        gpus: int = 0,
     ):
         self.sessions = sessions
         self.objects = objects
@@ -87,7 +110,11 @@ class Scheduler:
         self.tasks_root = tasks_root
         self.materialized_root = materialized_root
         self.executor = executor
+        self.environments = environments
         self.max_restarts = max_restarts
+        self.gpus = gpus
+        # Tasks prepared and waiting for their environment.
+        self._pending: dict[str, _Prepared] = {}
         self.lock = threading.RLock()
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-bg")
         self._periodic: list[list] = []  # [interval seconds, next due (monotonic), callable]
@@ -107,6 +134,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.background.shutdown(wait=True)
+        self.environments.shutdown()
         self.executor.shutdown()
 
     def add_periodic(self, interval: float, job: Callable[[], object]) -> None:
@@ -182,6 +210,13 @@ class Scheduler:
     def tick(self) -> None:
         with self.lock, self.sessions() as session:
             allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+            gpus_in_use: set[int] = set()
+
+            def hold(task: TrainTask) -> None:
+                for k in RESOURCE_KEYS:
+                    allocated[task.quota_group_id][k] += task.request.get(k, 0)
+                gpus_in_use.update(task.runtime.get("gpus") or [])
+
             for task in session.scalars(
                 select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
             ):
@@ -189,8 +224,7 @@ class Scheduler:
                 if code == LOST:
                     self._lost(session, task)
                 elif code is None:
-                    for k in RESOURCE_KEYS:
-                        allocated[task.quota_group_id][k] += task.request.get(k, 0)
+                    hold(task)
                 else:
                     state = TaskState.SUCCEEDED if code == 0 else TaskState.FAILED
                     self._finish(
@@ -207,13 +241,16 @@ class Scheduler:
                 group = task.quota_group_id
                 if group in blocked:
                     continue
-                if not fits(task.request, allocated[group], self._capacity(session, group)):
+                free_gpus = [i for i in range(self.gpus) if i not in gpus_in_use]
+                wanted_gpus = int(task.request.get("gpu", 0))
+                if wanted_gpus > len(free_gpus) or not fits(
+                    task.request, allocated[group], self._capacity(session, group)
+                ):
                     blocked.add(group)
                     continue
-                self._launch(session, task)
-                if task.state == TaskState.RUNNING:
-                    for k in RESOURCE_KEYS:
-                        allocated[group][k] += task.request.get(k, 0)
+                self._launch(session, task, free_gpus[:wanted_gpus])
+                if task.state in (TaskState.RUNNING, TaskState.QUEUED):
+                    hold(task)  # running, or prepared and waiting for its environment
                 session.commit()
 
     @staticmethod
@@ -238,13 +275,43 @@ class Scheduler:
         )
 
     # starting a task -----------------------------------------------------------------------
-    def _launch(self, session: Session, task: TrainTask) -> None:
+    def _launch(self, session: Session, task: TrainTask, gpus: list[int]) -> None:
+        """Prepare ``task`` (once), wait for its environment, then start it on ``gpus``.
+
+        A task whose environment is still being built stays QUEUED, and the caller keeps its
+        request (and these GPUs) reserved, so no younger task of its group overtakes it.
+        """
         paths = TaskPaths(self.tasks_root, task)
-        try:
-            spec = self._prepare(session, task, paths)
-        except PrepareError as err:
-            self._finish(session, task, TaskState.FAILED, None, str(err))
-            return
+        if task.id not in self._pending:
+            try:
+                self._pending[task.id] = self._prepare(session, task, paths)
+            except PrepareError as err:
+                self._finish(session, task, TaskState.FAILED, None, str(err))
+                return
+        prepared = self._pending[task.id]
+        spec, python = prepared.spec, prepared.python
+        if prepared.build is not None:
+            if not prepared.build.done():
+                task.runtime = {**task.runtime, "gpus": gpus}
+                return
+            try:
+                venv = prepared.build.result()
+            except EnvironmentBuildError as err:
+                del self._pending[task.id]
+                self._finish(session, task, TaskState.FAILED, None, str(err))
+                return
+            python = str(venv / "bin" / "python")
+            spec.env.update(PATH=_search_path(paths.bin, venv / "bin"), VIRTUAL_ENV=str(venv))
+        del self._pending[task.id]
+        write_python_shim(paths.bin, python)
+        spec.env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        task.runtime = {
+            "environment": prepared.environment,
+            "python": python,
+            "gpus": gpus,
+            "env": spec.env,
+        }
+        paths.note(f"running: {spec.command}")
         task.command = spec.command
         task.pids = self.executor.start(spec)
         task.state = TaskState.RUNNING.value
@@ -274,7 +341,9 @@ class Scheduler:
             )
         paths.output.mkdir(parents=True, exist_ok=True)
 
-    def _prepare(self, session: Session, task: TrainTask, paths: TaskPaths) -> RunSpec:
+    def _prepare(self, session: Session, task: TrainTask, paths: TaskPaths) -> _Prepared:
+        """Check out the code, materialize the mounts, build the command line, and start (or
+        join) the build of the environment its requirements.txt asks for."""
         paths.root.mkdir(parents=True, exist_ok=True)
         if task.attempt > 1 and paths.code.is_dir():
             # A re-run continues in the working directory it was lost in, output included.
@@ -283,9 +352,7 @@ class Scheduler:
             self._checkout(task, paths)
 
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-        mirror = session.get(Mirror, task.mirror_id)
-        write_python_shim(paths.bin, mirror.python)
-        env["PATH"] = f"{paths.bin}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env["PATH"] = _search_path(paths.bin)
         env.update(PYTHONUNBUFFERED="1", ANYLEARN_TASK_ID=task.id)
         env[MOUNT_ENV_VARS["output"]] = str(paths.output)
 
@@ -305,8 +372,7 @@ class Scheduler:
             hyperparams.setdefault(name, value)
         words = format_hyperparams(hyperparams, task.hyperparams_prefix, task.hyperparams_delimiter)
         command = " ".join([substitute_placeholders(task.entrypoint, env), *words])
-        paths.note(f"running: {command}")
-        return RunSpec(
+        spec = RunSpec(
             task_id=task.id,
             cwd=paths.code,
             command=command,
@@ -316,6 +382,12 @@ class Scheduler:
             num_nodes=task.num_nodes,
             nproc_per_node=task.nproc_per_node,
         )
+        python = session.get(Mirror, task.mirror_id).python
+        requirements = paths.code / REQUIREMENTS_FILE
+        if not requirements.is_file():
+            return _Prepared(spec, python, None, None)
+        key, build = self.environments.ensure(python, requirements, paths.log)
+        return _Prepared(spec, python, key, build)
 
     # cancel --------------------------------------------------------------------------------
     def cancel(self, task_id: str) -> None:
@@ -326,6 +398,7 @@ class Scheduler:
                 return
             if task.state == TaskState.RUNNING:
                 self.executor.cancel(task.id)
+            self._pending.pop(task.id, None)
             self._finish(session, task, TaskState.CANCELLED, None, "cancelled by the user")
             session.commit()
         self.wake()

@@ -82,6 +82,7 @@ def task_json(t: TrainTask) -> dict:
         "command": t.command,
         "exit_code": t.exit_code,
         "attempt": t.attempt,
+        "runtime": t.runtime,
         "error": t.error,
         "created_at": iso(t.created_at),
         "started_at": iso(t.started_at),

@@ -17,6 +17,7 @@ machine restarted).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -203,11 +204,28 @@ def kill_stale(task_id: str, pids: list[int]) -> None:
             _kill_group(pid, signal.SIGKILL)
 
 
+def detect_gpus() -> int:
+    """How many GPUs ``nvidia-smi -L`` lists on this machine (0 without the tool)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
 def write_python_shim(bin_dir: Path, python: str) -> None:
-    """Make ``python`` and ``python3`` in ``bin_dir`` point at the mirror's interpreter."""
+    """Make ``python`` and ``python3`` in ``bin_dir`` run ``python``.
+
+    They are ``exec`` scripts, not symlinks: Python finds a venv's ``pyvenv.cfg`` next to the
+    path it was started by, so a symlink elsewhere to a venv's interpreter would run the base
+    interpreter without the venv's packages.
+    """
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("python", "python3"):
-        link = bin_dir / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(python)
+        shim = bin_dir / name
+        if shim.is_symlink() or shim.exists():
+            shim.unlink()
+        shim.write_text(f'#!/bin/sh\nexec {shlex.quote(python)} "$@"\n')
+        shim.chmod(0o755)
