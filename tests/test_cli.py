@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import click
@@ -73,3 +74,52 @@ def test_tasks_table_watch_and_logs(user, algorithm_repo, dataset_dir, monkeypat
     assert followed.output == logs.output
     missing = runner.invoke(cli, ["tasks", "logs", "task-nope"])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+@pytest.mark.integration
+def test_show_json_listings_and_a_failed_watch(user, algorithm_repo, dataset_dir, monkeypatch):
+    monkeypatch.setenv("ANYLEARN_HOST", user.backend.url)
+    monkeypatch.setenv("ANYLEARN_TOKEN", user.token)
+    task, algorithm, datasets, _ = quick_train(
+        algorithm_dir=algorithm_repo,
+        dataset_dir=dataset_dir,
+        entrypoint="python train.py",
+        hyperparams={"fail": "", "sleep": 0.5},
+        resource_polling=0.2,
+    )
+    runner = CliRunner()
+    watched = runner.invoke(cli, ["tasks", "--watch", "--interval", "0.2"])
+    assert watched.exit_code == 3, watched.output  # the watched task FAILED
+    assert task.refresh().state == TaskState.FAILED
+
+    shown = runner.invoke(cli, ["tasks", "show", task.id], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0, shown.output
+    for text in (
+        algorithm.commit,
+        datasets[0].checksum,
+        task.command,
+        '{"fail": "", "sleep": 0.5}',
+        f"ANYLEARN_TASK_ID={task.id}",
+    ):
+        assert text in shown.output, text
+    assert re.search(r"exit code\s+3\s", shown.output) and re.search(r"attempt\s+1\s", shown.output)
+    record = json.loads(runner.invoke(cli, ["tasks", "show", task.id, "--json"]).output)
+    assert record["inputs"][0]["checksum"] == datasets[0].checksum
+    assert record["exit_code"] == 3 and record["attempt"] == 1
+
+    listed = json.loads(runner.invoke(cli, ["tasks", "--json"]).output)
+    assert [(t["id"], t["state"], t["quota_group"]) for t in listed] == [
+        (task.id, "FAILED", "default")
+    ]
+    assert listed[0]["last_line"] == "[anylearn] task FAILED: exit code 3"
+    dsets = json.loads(runner.invoke(cli, ["datasets", "ls", "--json"]).output)
+    assert [d["id"] for d in dsets] == [datasets[0].id]
+    assert json.loads(runner.invoke(cli, ["models", "ls", "--json"]).output) == []
+    mirrors = json.loads(runner.invoke(cli, ["mirrors", "ls", "--json"]).output)
+    assert "QUICKSTART" in {m["name"] for m in mirrors}
+    groups = {
+        g["name"]: g for g in json.loads(runner.invoke(cli, ["quota", "ls", "--json"]).output)
+    }
+    assert set(groups["default"]) >= {"capacity", "allocated", "running", "queued"}
+    table = runner.invoke(cli, ["quota", "ls"], env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "default" in table.output

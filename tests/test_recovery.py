@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -83,5 +87,59 @@ def test_sigkilled_server_reattaches_and_requeues(tmp_path, dataset_dir):
         assert "released" in survivor.logs()[0]
         assert processes_of(survivor.id) == [] and processes_of(lost.id) == []
     finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+#: Prints lines 0-9, waits for the release file, then prints lines 10-29 and ends.
+COUNTER = textwrap.dedent("""
+    import pathlib, sys, time
+    release = pathlib.Path(sys.argv[1])
+    for i in range(30):
+        if i == 10:
+            while not release.exists():
+                time.sleep(0.05)
+        print(f"line {i}", flush=True)
+        time.sleep(0.02)
+""")
+
+
+def test_logs_follow_survives_a_server_restart(tmp_path):
+    repo = tmp_path / "algo"
+    repo.mkdir()
+    (repo / "count.py").write_text(COUNTER)
+    data_dir = tmp_path / "server"
+    release = tmp_path / "release"
+    server, url = start_server(data_dir)
+    follower = None
+    try:
+        admin = admin_token(data_dir)
+        init_sdk(url, token=admin)
+        task = quick_train(
+            algorithm_dir=repo, entrypoint=f"python count.py {release}", resource_polling=0.2
+        )[0]
+        env = {**os.environ, "ANYLEARN_HOST": url, "ANYLEARN_TOKEN": admin}
+        follower = subprocess.Popen(
+            [str(Path(sys.executable).parent / "anylearn"), "tasks", "logs", task.id, "-f"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_log(task, "line 9")
+        time.sleep(0.5)  # the follower has read up to line 9 and is polling
+        server.kill()
+        server.wait()
+        time.sleep(1.0)  # the follower's reads now fail
+        server, _ = start_server(data_dir, port=int(url.rsplit(":", 1)[1]))
+        release.touch()
+        out, err = follower.communicate(timeout=120)
+        assert follower.returncode == 0, err
+        printed = [line for line in out.splitlines() if line.startswith("line ")]
+        assert printed == [f"line {i}" for i in range(30)]  # every line, exactly once
+        assert out.count("[anylearn] task SUCCEEDED") == 1
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
         server.terminate()
         server.wait(timeout=30)

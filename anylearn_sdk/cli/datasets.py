@@ -1,4 +1,4 @@
-"""``anylearn datasets preview``."""
+"""``anylearn datasets ls|preview`` and ``anylearn models ls``."""
 
 from __future__ import annotations
 
@@ -10,21 +10,44 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from anylearn_sdk.cli.output import emit, json_option, size
+from anylearn_sdk.session import get_context
 from anylearn_sdk.sync import preview_dataset
 
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+#: Columns of ``datasets ls`` and ``models ls``.
+RESOURCE_COLUMNS = (
+    ("id", lambda r: r["id"]),
+    ("name", lambda r: r["name"]),
+    ("state", lambda r: r["state"]),
+    ("files", lambda r: r["file_count"]),
+    ("size", lambda r: size(r["total_bytes"])),
+    ("checksum", lambda r: r["checksum"][:16]),
+    ("created", lambda r: r["created_at"][:19].replace("T", " ")),
+)
 
 
 @click.group()
 def datasets() -> None:
     """Datasets: versions of data folders, addressed by content."""
+
+
+@datasets.command("ls")
+@json_option
+def datasets_ls(as_json: bool) -> None:
+    """List your dataset versions: id, name, state, files, size, checksum, created."""
+    emit(get_context().api.get_json("/datasets"), RESOURCE_COLUMNS, as_json)
+
+
+@click.group()
+def models() -> None:
+    """Models: versions of model folders and registered task results, addressed by content."""
+
+
+@models.command("ls")
+@json_option
+def models_ls(as_json: bool) -> None:
+    """List your model versions: id, name, state, files, size, checksum, created."""
+    emit(get_context().api.get_json("/models"), RESOURCE_COLUMNS, as_json)
 
 
 @datasets.command("preview")
@@ -44,14 +67,14 @@ def preview(path: str, top: int, as_json: bool) -> None:
         return
     console = Console()
     console.print(
-        f"{result.root}: {result.file_count} files, {_size(result.total_bytes)} "
+        f"{result.root}: {result.file_count} files, {size(result.total_bytes)} "
         f"(checksum {result.checksum[:12]})"
     )
     if result.known_id:
         console.print(f"already on the server as {result.known_id}: nothing to upload")
     else:
-        console.print(f"would upload {result.upload_files} files, {_size(result.upload_bytes)}")
+        console.print(f"would upload {result.upload_files} files, {size(result.upload_bytes)}")
     table = Table("biggest files", "size")
-    for name, size in result.biggest:
-        table.add_row(name, _size(size))
+    for name, nbytes in result.biggest:
+        table.add_row(name, size(nbytes))
     console.print(table)

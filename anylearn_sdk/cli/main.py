@@ -10,8 +10,9 @@ import click
 
 from anylearn_sdk import __version__
 from anylearn_sdk.cli.auth import login
-from anylearn_sdk.cli.datasets import datasets
+from anylearn_sdk.cli.datasets import datasets, models
 from anylearn_sdk.cli.mirrors import mirrors
+from anylearn_sdk.cli.quota import quota
 from anylearn_sdk.cli.server import server
 from anylearn_sdk.cli.tasks import tasks
 from anylearn_sdk.errors import AnylearnError
@@ -47,3 +48,5 @@ cli.add_command(tasks)
 cli.add_command(server)
 cli.add_command(mirrors)
 cli.add_command(datasets)
+cli.add_command(models)
+cli.add_command(quota)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from anylearn_sdk.cli.output import emit, json_option
 from anylearn_sdk.session import get_context
 
 
@@ -26,9 +25,8 @@ def add(name: str, python: str) -> None:
 
 
 @mirrors.command("ls")
-def ls() -> None:
-    """List mirrors."""
-    table = Table("name", "python")
-    for row in get_context().api.get_json("/mirrors"):
-        table.add_row(row["name"], row["python"])
-    Console().print(table)
+@json_option
+def ls(as_json: bool) -> None:
+    """List mirrors: name and the interpreter on the server."""
+    columns = (("name", lambda r: r["name"]), ("python", lambda r: r["python"]))
+    emit(get_context().api.get_json("/mirrors"), columns, as_json)

@@ -6,15 +6,17 @@ import codecs
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from anylearn_sdk.errors import AnylearnTimeoutError, InvalidArgumentError
+from anylearn_sdk.errors import AnylearnTimeoutError, InvalidArgumentError, ServerError
 from anylearn_sdk.session import SdkContext, get_context
 from anylearn_sdk.states import TaskState
 
 DOWNLOAD_BLOCK_BYTES = 1024 * 1024
+#: Seconds :meth:`TrainTask.stream_logs` keeps trying to reach a server that went away.
+DEFAULT_RECONNECT_TIMEOUT = 600.0
 
 
 def _check_interval(name: str, value: float | None, *, allow_none: bool) -> None:
@@ -130,15 +132,49 @@ class TrainTask:
             TaskState(response.headers["X-Anylearn-Task-State"]),
         )
 
-    def stream_logs(self, poll_interval: float = 1.0, offset: int = 0) -> Iterator[str]:
+    def stream_logs(
+        self,
+        poll_interval: float = 1.0,
+        offset: int = 0,
+        *,
+        reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+        on_disconnect: Callable[[ServerError, int], None] | None = None,
+    ) -> Iterator[str]:
         """Yield log text as it is written, until the task is terminal and the log is read.
 
-        Decoding is incremental, so a UTF-8 character split across chunks arrives whole.
+        Decoding is incremental, so a UTF-8 character split across chunks arrives whole. The
+        log is read by byte offset, so when the server cannot be reached (a network drop, a
+        restart) the stream waits and goes on from the last byte it yielded: every line
+        arrives exactly once, as ``kubectl logs -f`` and ``sky logs`` readers expect.
+
+        Args:
+            poll_interval: seconds between reads while nothing new was written.
+            offset: byte to start from.
+            reconnect_timeout: seconds to keep trying while the server is unreachable or
+                failing (None: forever).
+            on_disconnect: called with the error and the offset once per outage.
+
+        Raises:
+            ServerError: the server stayed unreachable for ``reconnect_timeout`` seconds.
         """
         _check_interval("poll_interval", poll_interval, allow_none=False)
+        _check_interval("reconnect_timeout", reconnect_timeout, allow_none=True)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        down_since: float | None = None
         while True:
-            data, offset, state = self._log_chunk(offset)
+            try:
+                data, offset, state = self._log_chunk(offset)
+            except ServerError as err:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    if on_disconnect is not None:
+                        on_disconnect(err, offset)
+                if reconnect_timeout is not None and now - down_since >= reconnect_timeout:
+                    raise
+                time.sleep(poll_interval)
+                continue
+            down_since = None
             if data:
                 text = decoder.decode(data)
                 if text:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anylearn_sdk import __version__
 from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
@@ -180,4 +182,29 @@ def create_app(ctx: ServerContext) -> FastAPI:
     ):
         api.include_router(module_router)
     app.include_router(api)
+    app.add_middleware(ServerTiming)
     return app
+
+
+class ServerTiming:
+    """Adds ``Server-Timing: app;dur=<ms>`` (W3C Server Timing) to every HTTP response: the
+    milliseconds from the request's arrival to its response head, handler and database
+    included, network excluded. Clients and benchmarks read the server's share from it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                took = (time.perf_counter() - start) * 1000
+                header = (b"server-timing", f"app;dur={took:.2f}".encode())
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, timed_send)

@@ -56,10 +56,12 @@ def fits(request: dict, allocated: dict, capacity: dict) -> bool:
 class TaskPaths:
     """A task's working directory: ``tasks/<id>/{code,task.log,.anylearn}``."""
 
+    LOG_NAME = "task.log"
+
     def __init__(self, tasks_root: Path, task: TrainTask):
         self.root = tasks_root / task.id
         self.code = self.root / "code"
-        self.log = self.root / "task.log"
+        self.log = self.root / self.LOG_NAME
         self.bin = self.root / ".anylearn" / "bin"
         self.status = self.root / ".anylearn" / "status"
         self.output = self.code / task.output
@@ -115,6 +117,8 @@ class Scheduler:
         self.gpus = gpus
         # Tasks prepared and waiting for their environment.
         self._pending: dict[str, _Prepared] = {}
+        # Set when something changed that may let a queued task start.
+        self._admission_due = True
         self.lock = threading.RLock()
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-bg")
         self._periodic: list[list] = []  # [interval seconds, next due (monotonic), callable]
@@ -153,6 +157,8 @@ class Scheduler:
                     log.exception("periodic job %s failed", job)
 
     def wake(self) -> None:
+        """Run a tick soon, admitting queued tasks (call after creating or freeing anything)."""
+        self._admission_due = True
         self._wake.set()
 
     def _loop(self) -> None:
@@ -208,55 +214,59 @@ class Scheduler:
 
     # one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
+        """Follow running tasks; then, if anything changed that could let a queued task start
+        (a task created, ended or cancelled, an environment being built), admit what fits."""
         with self.lock, self.sessions() as session:
             allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
             gpus_in_use: set[int] = set()
 
-            def hold(task: TrainTask) -> None:
+            def hold(group: str, request: dict, gpus: list[int]) -> None:
                 for k in RESOURCE_KEYS:
-                    allocated[task.quota_group_id][k] += task.request.get(k, 0)
-                gpus_in_use.update(task.runtime.get("gpus") or [])
+                    allocated[group][k] += request.get(k, 0)
+                gpus_in_use.update(gpus)
 
             for task in session.scalars(
                 select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
             ):
                 code = self.executor.poll(task.id)
+                if code is None:
+                    hold(task.quota_group_id, task.request, task.runtime.get("gpus") or [])
+                    continue
+                self._admission_due = True
                 if code == LOST:
                     self._lost(session, task)
-                elif code is None:
-                    hold(task)
                 else:
                     state = TaskState.SUCCEEDED if code == 0 else TaskState.FAILED
                     self._finish(
                         session, task, state, code, None if code == 0 else f"exit code {code}"
                     )
             session.commit()
+            if not (self._admission_due or self._pending):
+                return
+            self._admission_due = False
+            capacity = {g.id: g.capacity for g in session.scalars(select(QuotaGroup))}
             blocked: set[str] = set()
-            queued = session.scalars(
-                select(TrainTask)
+            queued = session.execute(
+                select(TrainTask.id, TrainTask.quota_group_id, TrainTask.request)
                 .where(TrainTask.state == TaskState.QUEUED)
                 .order_by(TrainTask.created_at)
             ).all()
-            for task in queued:
-                group = task.quota_group_id
+            for task_id, group, request in queued:
                 if group in blocked:
                     continue
                 free_gpus = [i for i in range(self.gpus) if i not in gpus_in_use]
-                wanted_gpus = int(task.request.get("gpu", 0))
+                wanted_gpus = int(request.get("gpu", 0))
                 if wanted_gpus > len(free_gpus) or not fits(
-                    task.request, allocated[group], self._capacity(session, group)
+                    request, allocated[group], capacity.get(group, {})
                 ):
                     blocked.add(group)
                     continue
+                task = session.get(TrainTask, task_id)
                 self._launch(session, task, free_gpus[:wanted_gpus])
                 if task.state in (TaskState.RUNNING, TaskState.QUEUED):
-                    hold(task)  # running, or prepared and waiting for its environment
+                    # running, or prepared and waiting for its environment
+                    hold(group, request, free_gpus[:wanted_gpus])
                 session.commit()
-
-    @staticmethod
-    def _capacity(session: Session, group_id: str) -> dict:
-        group = session.get(QuotaGroup, group_id)
-        return group.capacity if group is not None else {}
 
     def _finish(
         self,
@@ -292,7 +302,6 @@ class Scheduler:
         spec, python = prepared.spec, prepared.python
         if prepared.build is not None:
             if not prepared.build.done():
-                task.runtime = {**task.runtime, "gpus": gpus}
                 return
             try:
                 venv = prepared.build.result()

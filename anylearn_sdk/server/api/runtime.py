@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import defaultdict
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from anylearn_sdk.server.api.accounts import NAME_PATTERN
 from anylearn_sdk.server.context import DB, AdminUser, ApiError, CurrentUser, bad_request
-from anylearn_sdk.server.db import Mirror, QuotaGroup
-from anylearn_sdk.states import ErrorCode
+from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask
+from anylearn_sdk.server.scheduler import RESOURCE_KEYS
+from anylearn_sdk.states import ErrorCode, TaskState
 
 router = APIRouter()
 PYTHON_CHECK_TIMEOUT_SECONDS = 30
@@ -45,13 +48,39 @@ def mirror_json(m: Mirror) -> dict:
     return {"id": m.id, "name": m.name, "python": m.python}
 
 
-def quota_group_json(g: QuotaGroup) -> dict:
-    return {
+def quota_group_json(g: QuotaGroup, usage: dict | None = None) -> dict:
+    """A group; with ``usage``, also what every user's tasks hold now: ``allocated`` (the sum
+    of the RUNNING tasks' requests), ``running`` and ``queued`` (task counts)."""
+    data = {
         "id": g.id,
         "name": g.name,
         "capacity": g.capacity,
         "default_request": g.default_request,
     }
+    if usage is not None:
+        data.update(usage)
+    return data
+
+
+def _usage(session: Session) -> dict[str, dict]:
+    usage: dict[str, dict] = defaultdict(
+        lambda: {"allocated": dict.fromkeys(RESOURCE_KEYS, 0), "running": 0, "queued": 0}
+    )
+    active = (TaskState.RUNNING.value, TaskState.QUEUED.value)
+    rows = session.execute(
+        select(TrainTask.quota_group_id, TrainTask.state, TrainTask.request).where(
+            TrainTask.state.in_(active)
+        )
+    )
+    for group_id, state, request in rows:
+        entry = usage[group_id]
+        if state == TaskState.RUNNING:
+            entry["running"] += 1
+            for key in RESOURCE_KEYS:
+                entry["allocated"][key] += request.get(key, 0)
+        else:
+            entry["queued"] += 1
+    return usage
 
 
 @router.get("/mirrors", tags=["mirrors"])
@@ -89,7 +118,8 @@ def list_quota_groups(_user: CurrentUser, session: DB, name: str | None = None) 
     query = select(QuotaGroup).order_by(QuotaGroup.created_at)
     if name is not None:
         query = query.where(QuotaGroup.name == name)
-    return [quota_group_json(g) for g in session.scalars(query)]
+    usage = _usage(session)
+    return [quota_group_json(g, usage[g.id]) for g in session.scalars(query)]
 
 
 @router.post("/quota-groups", status_code=201, tags=["quota groups"])
