@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from anylearn_sdk import TaskState, init_sdk, quick_train
-from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk import ResourceState, TaskState, init_sdk, quick_train
+from anylearn_sdk.errors import ConflictError, InvalidArgumentError
 from tests.conftest import admin_token, start_server, wait_for_log
 
 pytestmark = pytest.mark.integration
@@ -200,3 +200,58 @@ def test_distributed_example_all_reduce_on_four_ranks(user, quota_group):
     failing.refresh()
     assert failing.exit_code == 3 and failing.error == "exit code 3"
     assert "rank 3 (node 1 local rank 1): failing on purpose" in failing.logs()[0]
+
+
+#: Writes its results, or reads the mounts of earlier results (pretrain, models) and prints them.
+RESULTS = textwrap.dedent("""
+    import os, pathlib, sys
+    out = pathlib.Path(os.environ["ANYLEARN_OUTPUT_DIR"])
+    if sys.argv[1] == "write":
+        (out / "weights.txt").write_text("w=1")
+        (out / "latest").symlink_to("weights.txt")
+        (out / "escape").symlink_to("/etc")
+    else:
+        pretrain = pathlib.Path(os.environ["ANYLEARN_PRETRAIN_DIR"])
+        print("pretrain", (pretrain / "weights.txt").read_text(), flush=True)
+        for folder in os.environ["ANYLEARN_MODEL_DIR"].split(","):
+            names = sorted(p.name for p in pathlib.Path(folder).iterdir())
+            print("model", names, flush=True)
+""")
+
+
+def test_results_become_inputs(user, tmp_path, quota_group):
+    folder = algorithm(tmp_path, "algo", {"results.py": RESULTS})
+    common = dict(algorithm_dir=folder, quota_group_name=quota_group, resource_polling=0.2)
+    first = quick_train(entrypoint="python results.py write", **common)[0]
+    assert first.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+
+    model = first.register_model(name="weights")
+    assert (model.name, model.file_count, model.total_bytes) == ("weights", 1, 3)
+    assert model.state == ResourceState.READY
+    again = first.register_model()
+    assert again.id == model.id  # the same content is the same model
+    listed = user.get("/models")
+    assert [m["id"] for m in listed] == [model.id]
+
+    local_model = tmp_path / "local-model"
+    local_model.mkdir()
+    (local_model / "vocab.txt").write_text("a b c\n")
+    second = quick_train(
+        entrypoint="python results.py read",
+        pretrain_task_id=first.id,
+        model_id=model.id,
+        model_dir=local_model,
+        **common,
+    )[0]
+    assert second.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+    log = second.logs()[0]
+    assert "pretrain w=1" in log
+    assert "model ['weights.txt']" in log  # the registered results: links were not kept
+    assert "model ['vocab.txt']" in log
+    kinds = sorted(i["kind"] for i in second.refresh().inputs)
+    assert kinds == ["model", "model", "pretrain"]
+
+    failed = quick_train(entrypoint="python results.py nothing-to-read", **common)[0]
+    assert failed.wait(timeout=60, poll_interval=0.2) == TaskState.FAILED
+    with pytest.raises(ConflictError, match=r"is FAILED; only a SUCCEEDED task's results"):
+        failed.register_model()

@@ -242,3 +242,15 @@ def download(task_id: str, dest: Path) -> None:
     """Download a task's results into DEST."""
     path = TrainTask(task_id, context=get_context()).download_results(dest)
     click.echo(f"results of {task_id} in {path}")
+
+
+@tasks.command("register-model")
+@click.argument("task_id")
+@click.option("--name", help="The model's name (default: the task's name).")
+def register_model(task_id: str, name: str | None) -> None:
+    """Register a SUCCEEDED task's results as a model (then mount it with model_id)."""
+    model = TrainTask(task_id, context=get_context()).register_model(name=name)
+    click.echo(
+        f"model {model.id} ({model.name}): {model.file_count} files, "
+        f"{size(model.total_bytes)}, checksum {model.checksum}"
+    )

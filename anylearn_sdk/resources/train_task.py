@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from anylearn_sdk.errors import AnylearnTimeoutError, InvalidArgumentError, ServerError
+from anylearn_sdk.resources.dataset import Model
 from anylearn_sdk.session import SdkContext, get_context
 from anylearn_sdk.states import TaskState
 
@@ -193,6 +194,30 @@ class TrainTask:
         data = self.context.api.post_json(f"/train-tasks/{self.id}/cancel", resource_id=self.id)
         self._apply(data)
         return self.state
+
+    def register_model(self, name: str | None = None, project_id: str | None = None) -> Model:
+        """Register this task's results (its output folder) as a model version on the server.
+
+        The server copies every regular file into its object store (symbolic links are
+        skipped), so the model can be mounted with ``quick_train(model_id=...)`` however long
+        the task's folder lives. Content-addressed: equal results give the same model.
+
+        Args:
+            name: the model's name (default: the task's name).
+            project_id: its project (default: the task's project).
+
+        Returns:
+            The READY :class:`Model`.
+
+        Raises:
+            ConflictError: the task is not SUCCEEDED, or its results are gone.
+        """
+        data = self.context.api.post_json(
+            f"/train-tasks/{self.id}/register-model",
+            {"name": name, "project_id": project_id},
+            resource_id=self.id,
+        )
+        return Model.from_json(data)
 
     def download_results(self, dest: str | Path) -> Path:
         """Download the task's output folder into ``dest`` (created if needed).

@@ -12,13 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from anylearn_sdk.protocol import SHA256_HEX, ManifestEntry
+from anylearn_sdk.protocol import (
+    SHA256_HEX,
+    ManifestEntry,
+    check_relative_path,
+    normalize_mode,
+)
 
 COPY_BLOCK_BYTES = 1024 * 1024
 
@@ -133,6 +139,62 @@ class ObjectStore:
             return True
         finally:
             path.unlink(missing_ok=True)
+
+    def store_file(self, path: Path) -> tuple[str, int]:
+        """Copy the regular file at ``path`` into the store, hashing it on the way.
+
+        The file is opened with ``O_NOFOLLOW``, so a symlink put in its place is refused.
+
+        Returns:
+            (sha256, size in bytes) of what was read.
+        """
+        digest = hashlib.sha256()
+        tmp_name = self.tmp / f"copy.{threading.get_ident()}.{os.getpid()}"
+        size = 0
+        src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            with (
+                os.fdopen(src, "rb", buffering=0, closefd=False) as reader,
+                open(tmp_name, "wb", buffering=0) as writer,
+            ):
+                while block := reader.read(COPY_BLOCK_BYTES):
+                    digest.update(block)
+                    writer.write(block)
+                    size += len(block)
+                os.fsync(writer.fileno())
+            sha256 = digest.hexdigest()
+            os.chmod(tmp_name, 0o444)
+            if not self.has(sha256):
+                os.replace(tmp_name, self.path_for(sha256))
+            return sha256, size
+        finally:
+            os.close(src)
+            tmp_name.unlink(missing_ok=True)
+
+    def store_tree(self, root: Path) -> tuple[list[ManifestEntry], list[str]]:
+        """Store every regular file under ``root`` (a task's results) as objects.
+
+        Symbolic links and special files are not followed nor stored: a task may leave a link
+        to anywhere on the server.
+
+        Returns:
+            (the manifest of the stored files, the relative paths that were skipped).
+        """
+        entries: list[ManifestEntry] = []
+        skipped: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            for name in [*filenames, *(d for d in dirnames if (here / d).is_symlink())]:
+                path = here / name
+                rel = check_relative_path(path.relative_to(root).as_posix())
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode):
+                    skipped.append(rel)
+                    continue
+                sha256, size = self.store_file(path)
+                entries.append(ManifestEntry(rel, size, normalize_mode(st.st_mode), sha256))
+        entries.sort(key=lambda e: e.path)
+        return entries, sorted(skipped)
 
     def materialize(self, manifest: Iterable[ManifestEntry], dest: Path) -> None:
         """Lay out a manifest's files under ``dest`` read-only, hard-linking the stored objects.

@@ -17,11 +17,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from anylearn_sdk.protocol import check_relative_path
+from anylearn_sdk.protocol import check_relative_path, manifest_checksum
 from anylearn_sdk.server import gitrepos
 from anylearn_sdk.server.api.accounts import owned_project
 from anylearn_sdk.server.api.algorithms import owned_algorithm
-from anylearn_sdk.server.api.resources import owned_resource
+from anylearn_sdk.server.api.resources import (
+    KINDS,
+    add_refs,
+    live_version,
+    owned_resource,
+    resource_json,
+)
 from anylearn_sdk.server.api.runtime import Amounts
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, bad_request, not_found
 from anylearn_sdk.server.db import (
@@ -33,6 +39,7 @@ from anylearn_sdk.server.db import (
     User,
     as_utc,
     iso,
+    new_id,
 )
 from anylearn_sdk.server.scheduler import RESOURCE_KEYS, TaskPaths, fits
 from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
@@ -344,6 +351,67 @@ def task_logs(task_id: str, user: CurrentUser, session: DB, ctx: Ctx, offset: in
         media_type="application/octet-stream",
         headers={"X-Anylearn-Next-Offset": str(offset + len(data)), "X-Anylearn-Task-State": state},
     )
+
+
+class NewModelFromResults(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+    project_id: str | None = None
+
+
+@router.post("/{task_id}/register-model")
+def register_model(
+    task_id: str,
+    body: NewModelFromResults,
+    user: CurrentUser,
+    session: DB,
+    ctx: Ctx,
+    response: Response,
+) -> dict:
+    """Register a SUCCEEDED task's results (its output folder) as a model version.
+
+    Every regular file is copied into the object store and hashed on the way, so the model
+    stays as it is whatever later happens to the task's folder; symbolic links and special
+    files are skipped and listed in ``skipped``. Idempotent on content: results equal to a
+    model the user has answer that model (200) instead of a new one (201). The model belongs
+    to ``project_id`` (default: the task's project) and is named ``name`` (default: the task's
+    name).
+    """
+    task = owned_task(session, user, task_id)
+    if task.state != TaskState.SUCCEEDED:
+        raise ApiError(
+            409,
+            ErrorCode.CONFLICT,
+            f"task {task.id} is {task.state}; only a SUCCEEDED task's results become a model",
+        )
+    project = owned_project(session, user, body.project_id or task.project_id)
+    output = TaskPaths(ctx.paths.tasks, task).output
+    if not output.is_dir():
+        raise ApiError(409, ErrorCode.CONFLICT, f"the results of task {task.id} are gone")
+    try:
+        entries, skipped = ctx.objects.store_tree(output)
+    except ValueError as err:
+        raise bad_request(f"results of task {task.id}: {err}") from err
+    checksum = manifest_checksum(entries)
+    model = live_version(session, user, "model", checksum)
+    response.status_code = 200
+    if model is None:
+        model = Resource(
+            id=new_id(KINDS["model"][1]),
+            kind="model",
+            owner_id=user.id,
+            project_id=project.id,
+            name=body.name or task.name,
+            checksum=checksum,
+            state=ResourceState.READY,
+            manifest=[e.to_json() for e in entries],
+            file_count=len(entries),
+            total_bytes=sum(e.size for e in entries),
+        )
+        session.add(model)
+        response.status_code = 201
+    add_refs(session, user.id, (e.sha256 for e in entries))
+    session.commit()
+    return {**resource_json(model), "skipped": skipped, "task_id": task.id}
 
 
 @router.get("/{task_id}/results")
