@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,11 @@ def start(
     host: str = "127.0.0.1",
     port: int = 0,
     timeout: float = START_TIMEOUT_SECONDS,
+    options: Sequence[str] = (),
 ) -> BackendStatus:
     """Start the backend of ``data_dir`` as a detached process unless it already runs.
+
+    ``options`` are further ``python -m anylearn_sdk.server`` options (``--gpus 2``).
 
     Returns:
         The running backend's status.
@@ -123,6 +127,7 @@ def start(
                     host,
                     "--port",
                     str(port),
+                    *options,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

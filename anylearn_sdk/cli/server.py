@@ -26,17 +26,39 @@ def server() -> None:
     "--data-dir", type=click.Path(path_type=Path), help="Where the backend keeps its data."
 )
 @click.option("--detach", is_flag=True, help="Run in the background and return once it answers.")
-def start(host: str, port: int, data_dir: Path | None, detach: bool) -> None:
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Re-runs of a task whose processes were lost (server or machine restart); default 2.",
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPUs tasks may be given (default: as many as `nvidia-smi -L` lists).",
+)
+def start(
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    detach: bool,
+    max_restarts: int | None,
+    gpus: int | None,
+) -> None:
     """Start the backend (in the foreground unless --detach)."""
     folder = _data_dir(data_dir)
+    options: list[str] = []
+    for name, value in (("--max-restarts", max_restarts), ("--gpus", gpus)):
+        options += [] if value is None else [name, str(value)]
     if detach:
-        status = local_backend.start(folder, host=host, port=port)
+        status = local_backend.start(folder, host=host, port=port, options=options)
         click.echo(f"backend running at {status.url} (pid {status.pid}, data {folder})")
         return
-    from anylearn_sdk.server.runner import serve
-
     click.echo(f"starting backend (data {folder}); Ctrl-C stops it")
-    serve(host, port, folder)
+    from anylearn_sdk.server.runner import main
+
+    main(["--host", host, "--port", str(port), "--data-dir", str(folder), *options])
 
 
 @server.command()
