@@ -28,7 +28,16 @@ GIT_IDENTITY = {
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
-    """Every test gets its own HOME and ANYLEARN_HOME and no inherited anylearn settings."""
+    """Every test gets its own HOME and ANYLEARN_HOME and no inherited anylearn settings.
+
+    The machine's pip configuration (its index and wheel folders) stays in force through
+    ``PIP_CONFIG_FILE``, so environment builds install what they would outside the tests.
+    """
+    real_home = Path.home()
+    for config in (real_home / ".config/pip/pip.conf", real_home / ".pip/pip.conf"):
+        if config.is_file() and "PIP_CONFIG_FILE" not in os.environ:
+            monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+            break
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
