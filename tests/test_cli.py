@@ -112,6 +112,8 @@ def test_show_json_listings_and_a_failed_watch(user, algorithm_repo, dataset_dir
         (task.id, "FAILED", "default")
     ]
     assert listed[0]["last_line"] == "[anylearn] task FAILED: exit code 3"
+    assert user.get("/train-tasks", params={"state": "RUNNING,QUEUED"}) == []
+    assert [t["id"] for t in user.get("/train-tasks", params={"state": "FAILED"})] == [task.id]
     dsets = json.loads(runner.invoke(cli, ["datasets", "ls", "--json"]).output)
     assert [d["id"] for d in dsets] == [datasets[0].id]
     assert json.loads(runner.invoke(cli, ["models", "ls", "--json"]).output) == []

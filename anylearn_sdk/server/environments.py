@@ -32,6 +32,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 REQUIREMENTS_FILE = "requirements.txt"
+#: Variables of the server's environment a build sees, besides ``PIP_*``.
+_BUILD_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 #: Changes whenever the layout of a built environment changes, so old ones are not reused.
 LAYOUT_VERSION = b"anylearn-env-1"
 #: Lists the site directories of the interpreter it runs in.
@@ -81,7 +83,7 @@ class Environments:
     """Builds and caches environments; at most ``workers`` builds run at once.
 
     Builds see the server's ``PIP_*`` variables (index, certificates, timeouts) and pip's
-    configuration files; tasks never see those variables.
+    configuration files; tasks do not get those variables.
 
     Args:
         root: folder the environments live in.
@@ -167,7 +169,8 @@ class Environments:
     @staticmethod
     def _run(build: _Build, what: str, argv: list[str]) -> None:
         """Run ``argv``, its output line by line into the build's logs; raise on failure."""
-        env = {k: v for k, v in os.environ.items() if k.startswith("PIP_") or k in _BUILD_ENV}
+        env = _clean_env()
+        env.update({k: v for k, v in os.environ.items() if k.startswith("PIP_")})
         env["PYTHONUNBUFFERED"] = "1"
         proc = subprocess.Popen(
             argv,
@@ -202,9 +205,6 @@ class Environments:
         site_dir = next((venv / "lib").glob("python*/site-packages"))
         lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in mirror_sites)
         (site_dir / "_anylearn_mirror.pth").write_text(lines)
-
-
-_BUILD_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 
 def _clean_env() -> dict[str, str]:

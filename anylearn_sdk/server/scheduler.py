@@ -395,7 +395,10 @@ class Scheduler:
         requirements = paths.code / REQUIREMENTS_FILE
         if not requirements.is_file():
             return _Prepared(spec, python, None, None)
-        key, build = self.environments.ensure(python, requirements, paths.log)
+        try:
+            key, build = self.environments.ensure(python, requirements, paths.log)
+        except OSError as err:
+            raise PrepareError(f"cannot read {REQUIREMENTS_FILE}: {err}") from err
         return _Prepared(spec, python, key, build)
 
     # cancel --------------------------------------------------------------------------------
