@@ -198,20 +198,22 @@ def processes_of(task_id: str) -> list[int]:
     return pids
 
 
-def test_cancel_ends_the_process_group(user, algorithm_repo, dataset_dir, quota_group):
+def test_cancel_ends_every_rank(user, algorithm_repo, dataset_dir, quota_group):
     task, *_ = quick_train(
         algorithm_dir=algorithm_repo,
         dataset_dir=dataset_dir,
         entrypoint="python train.py",
         hyperparams={"sleep": 120},
         quota_group_name=quota_group,
+        num_nodes=2,
+        nproc_per_node=2,
         resource_polling=0.2,
     )
     deadline = time.monotonic() + 30
-    while "started" not in task.logs()[0] and time.monotonic() < deadline:
+    while task.logs()[0].count("started") < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert task.refresh().state == TaskState.RUNNING
-    assert processes_of(task.id)
+    assert len(processes_of(task.id)) >= 4  # four ranks (and their supervisors)
     assert task.cancel() == TaskState.CANCELLED
     deadline = time.monotonic() + 15
     while processes_of(task.id) and time.monotonic() < deadline:
