@@ -153,12 +153,14 @@ def watch_tasks(rows: list[dict], interval: float, console: Console) -> int:
 def show(task_id: str, as_json: bool) -> None:
     """Show a task's whole record: commit, inputs and their checksums, hyperparameters, the
     exact command line, environment, timings, exit code and attempts."""
-    task = TrainTask(task_id, load_detail=True, context=get_context())
-    data = task.data
+    ctx = get_context()
+    data = TrainTask(task_id, load_detail=True, context=ctx).data
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     runtime = data.get("runtime") or {}
+    groups = {g["id"]: g["name"] for g in ctx.api.get_json("/quota-groups")}
+    group = groups.get(data["quota_group_id"], data["quota_group_id"])
     fields: list[tuple[str, str | Text]] = [
         ("id", data["id"]),
         ("name", data["name"]),
@@ -171,7 +173,7 @@ def show(task_id: str, as_json: bool) -> None:
         ("hyperparameters", json.dumps(data["hyperparams"])),
         ("command", data.get("command") or "-"),
         ("output", data["output"]),
-        ("quota group", f"{data['quota_group_id']}, request {json.dumps(data['request'])}"),
+        ("quota group", f"{group}, request {json.dumps(data['request'])}"),
         ("processes", f"{data['num_nodes']} node(s) x {data['nproc_per_node']}"),
         ("python", runtime.get("python") or "-"),
         ("environment", runtime.get("environment") or "none (no requirements.txt)"),
