@@ -181,9 +181,8 @@ class Environments:
             stderr=subprocess.STDOUT,
         )
         last_line = last_error = ""
-        assert proc.stdout is not None
-        with proc.stdout:
-            for line in proc.stdout:
+        with proc.stdout as output:  # type: ignore[union-attr] - a PIPE is always there
+            for line in output:
                 build.write(line)
                 text = line.decode(errors="replace").strip()
                 last_line = text or last_line

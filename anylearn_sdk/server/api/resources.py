@@ -32,7 +32,7 @@ from anylearn_sdk.server.context import (
     bad_request,
     not_found,
 )
-from anylearn_sdk.server.db import ObjectRef, Resource, User, iso, new_id
+from anylearn_sdk.server.db import ObjectRef, Project, Resource, User, iso, new_id
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.states import ErrorCode, ResourceState
 
@@ -178,8 +178,35 @@ def _full_manifest(session: Session, user: User, kind: str, body: NewResource) -
     return [e.to_json() for e in merged]
 
 
+def new_version(
+    session: Session,
+    kind: str,
+    user: User,
+    project: Project,
+    name: str,
+    checksum: str,
+    entries: list[ManifestEntry],
+    state: ResourceState = ResourceState.UPLOADING,
+) -> Resource:
+    """Add a version of ``kind``: ``entries`` and their already checked ``checksum``."""
+    res = Resource(
+        id=new_id(KINDS[kind][1]),
+        kind=kind,
+        owner_id=user.id,
+        project_id=project.id,
+        name=name,
+        checksum=checksum,
+        state=state,
+        manifest=[e.to_json() for e in entries],
+        file_count=len(entries),
+        total_bytes=sum(e.size for e in entries),
+    )
+    session.add(res)
+    return res
+
+
 def make_router(kind: str) -> APIRouter:
-    plural, id_prefix = KINDS[kind]
+    plural = KINDS[kind][0]
     router = APIRouter(prefix=f"/{plural}", tags=[plural])
 
     # Read-only handlers are coroutines: they skip the thread-pool hop, and a WAL read never
@@ -222,19 +249,7 @@ def make_router(kind: str) -> APIRouter:
         res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:
-            res = Resource(
-                id=new_id(id_prefix),
-                kind=kind,
-                owner_id=user.id,
-                project_id=project.id,
-                name=body.name,
-                checksum=body.checksum,
-                state=ResourceState.UPLOADING,
-                manifest=[e.to_json() for e in entries],
-                file_count=len(entries),
-                total_bytes=sum(e.size for e in entries),
-            )
-            session.add(res)
+            res = new_version(session, kind, user, project, body.name, body.checksum, entries)
             response.status_code = 201
         missing = refresh_state(session, res, ctx.objects)
         session.commit()

@@ -22,9 +22,9 @@ from anylearn_sdk.server import gitrepos
 from anylearn_sdk.server.api.accounts import owned_project
 from anylearn_sdk.server.api.algorithms import owned_algorithm
 from anylearn_sdk.server.api.resources import (
-    KINDS,
     add_refs,
     live_version,
+    new_version,
     owned_resource,
     resource_json,
 )
@@ -39,7 +39,6 @@ from anylearn_sdk.server.db import (
     User,
     as_utc,
     iso,
-    new_id,
 )
 from anylearn_sdk.server.scheduler import RESOURCE_KEYS, TaskPaths, fits
 from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
@@ -395,19 +394,10 @@ def register_model(
     model = live_version(session, user, "model", checksum)
     response.status_code = 200
     if model is None:
-        model = Resource(
-            id=new_id(KINDS["model"][1]),
-            kind="model",
-            owner_id=user.id,
-            project_id=project.id,
-            name=body.name or task.name,
-            checksum=checksum,
-            state=ResourceState.READY,
-            manifest=[e.to_json() for e in entries],
-            file_count=len(entries),
-            total_bytes=sum(e.size for e in entries),
+        name = body.name or task.name
+        model = new_version(
+            session, "model", user, project, name, checksum, entries, ResourceState.READY
         )
-        session.add(model)
         response.status_code = 201
     add_refs(session, user.id, (e.sha256 for e in entries))
     session.commit()
