@@ -100,7 +100,10 @@ class Environments:
     def ready(self, key: str) -> Path | None:
         """The venv folder of a built environment, or None."""
         current = self.root / key / "current"
-        return current.resolve() if current.is_symlink() and current.resolve().is_dir() else None
+        if not current.is_symlink():
+            return None
+        venv = current.resolve()
+        return venv if venv.is_dir() else None
 
     def ensure(self, python: str, requirements: Path, task_log: Path) -> tuple[str, Future[Path]]:
         """The environment's key and a future of its venv folder, for ``requirements`` over
