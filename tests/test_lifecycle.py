@@ -99,8 +99,8 @@ def test_bad_requirement_fails_with_the_pip_error(user, backend, tmp_path, quota
     log = task.logs()[0]
     assert "ERROR: No matching distribution found for anylearn-no-such-package-4f1c" in log
     assert "six 1.17.0" not in log and task.command is None  # the entrypoint never ran
-    key = task.runtime.get("environment")
-    assert key is None or key not in environment_builds(backend)  # nothing half-built kept
+    key = task.runtime["environment"]
+    assert key is not None and environment_builds(backend)[key] == []  # nothing half-built kept
 
 
 def test_three_one_cpu_tasks_run_one_at_a_time_in_order(user, backend, tmp_path):

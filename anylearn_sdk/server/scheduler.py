@@ -298,6 +298,8 @@ class Scheduler:
             except PrepareError as err:
                 self._finish(session, task, TaskState.FAILED, None, str(err))
                 return
+            # The record names its environment while it is built, and if the build fails.
+            task.runtime = {"environment": self._pending[task.id].environment}
         prepared = self._pending[task.id]
         spec, python = prepared.spec, prepared.python
         if prepared.build is not None:
