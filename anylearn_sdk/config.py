@@ -1,15 +1,24 @@
-"""Settings resolution: argument > environment > config file > the embedded local backend.
+"""Every setting and ``ANYLEARN_*`` variable, parsed here and nowhere else.
 
-Environment variables (all listed in ``docs/environment-variables.md``):
+Resolution: argument > environment > config file > the embedded local backend. Variables
+(all listed in ``docs/environment-variables.md``):
 
 * ``ANYLEARN_HOME``: the local folder for config, credentials and the store (``~/.anylearn``).
 * ``ANYLEARN_HOST``: the backend's base URL, for example ``http://10.0.0.5:8080``.
-* ``ANYLEARN_TOKEN``: a bearer token for that backend.
-* ``ANYLEARN_DISABLE_PROGRESS_BARS``: any non-empty value other than ``0`` hides progress bars.
+* ``ANYLEARN_TOKEN``: a bearer token for ``ANYLEARN_HOST`` (or, without it, for the host
+  ``anylearn login`` saved). It is sent to that host only, never to another address given to
+  ``init_sdk`` nor to the embedded backend.
+* ``ANYLEARN_DISABLE_PROGRESS_BARS`` (boolean): hide tqdm bars.
+* ``ANYLEARN_UPLOAD_STREAMS`` (positive integer): parallel upload streams.
+* ``ANYLEARN_HASH_MMAP`` (boolean, default true): map large files to hash them.
+
+Booleans follow one rule (:func:`env_flag`): ``1``, ``true``, ``yes``, ``on`` or ``0``,
+``false``, ``no``, ``off``, any case; unset or empty is the default; anything else is an
+error naming the value.
 
 Files under ``ANYLEARN_HOME``: ``config.json`` (``{"host", "username"}``, written by
 ``anylearn login``) and ``credentials.json`` (``{host: {"token", "username"}}``, mode 0600).
-Settings are resolved once, when a client is built, never at import time.
+Variables are read when a client or a call needs them, never at import time.
 """
 
 from __future__ import annotations
@@ -47,9 +56,61 @@ class Settings:
     embedded: bool = False
 
 
+HOME_VAR = "ANYLEARN_HOME"
+HOST_VAR = "ANYLEARN_HOST"
+TOKEN_VAR = "ANYLEARN_TOKEN"  # noqa: S105 - a variable name, not a secret
+PROGRESS_VAR = "ANYLEARN_DISABLE_PROGRESS_BARS"
+STREAMS_VAR = "ANYLEARN_UPLOAD_STREAMS"
+HASH_MMAP_VAR = "ANYLEARN_HASH_MMAP"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """The boolean variable ``name`` (see the module docstring for the rule).
+
+    Raises:
+        ConfigurationError: a value that is neither true nor false.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"{name}={env.get(name)!r}; use one of {', '.join(_TRUE)} or {', '.join(_FALSE)}"
+    )
+
+
+def env_positive_int(name: str, env: Mapping[str, str] | None = None) -> int | None:
+    """The positive integer variable ``name``, or None when unset or empty.
+
+    Raises:
+        ConfigurationError: anything but a positive integer.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigurationError(f"{name}={raw!r}; use a positive integer")
+    return int(raw)
+
+
+def progress_bars_disabled() -> bool:
+    return env_flag(PROGRESS_VAR, False)
+
+
+def hash_mmap_enabled() -> bool:
+    return env_flag(HASH_MMAP_VAR, True)
+
+
 def anylearn_home(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
-    return Path(env.get("ANYLEARN_HOME") or Path.home() / ".anylearn").expanduser()
+    return Path(env.get(HOME_VAR) or Path.home() / ".anylearn").expanduser()
 
 
 def normalize_host(host: str) -> str:
@@ -100,5 +161,17 @@ def stored_token(home: Path, host: str) -> tuple[str | None, str | None]:
 def configured_host(home: Path, env: Mapping[str, str] | None = None) -> str | None:
     """The backend chosen by environment or config file, or None for the embedded backend."""
     env = os.environ if env is None else env
-    host = env.get("ANYLEARN_HOST") or read_json(home / CONFIG_FILE).get("host")
+    host = env.get(HOST_VAR) or read_json(home / CONFIG_FILE).get("host")
     return normalize_host(host) if host else None
+
+
+def env_token(home: Path, host: str, env: Mapping[str, str] | None = None) -> str | None:
+    """``ANYLEARN_TOKEN`` if it belongs to ``host``: the host of ``ANYLEARN_HOST`` when that is
+    set, else the host ``anylearn login`` saved; None otherwise (the token goes nowhere else).
+    """
+    env = os.environ if env is None else env
+    token = env.get(TOKEN_VAR, "").strip()
+    if not token:
+        return None
+    owner = env.get(HOST_VAR) or read_json(home / CONFIG_FILE).get("host")
+    return token if owner and normalize_host(owner) == host else None

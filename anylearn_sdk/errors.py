@@ -7,8 +7,11 @@ The tree::
     ├── InvalidArgumentError (ValueError)      a bad argument to an SDK call, caught locally
     │   └── RequiredLocalCommitError           the algorithm tree has uncommitted changes
     ├── LocalBackendError                      the embedded local backend did not start
+    ├── ContentChangedError                    a file changed while it was read; run again
     ├── AnylearnTimeoutError (TimeoutError)    a wait or poll ran past its deadline
     ├── ResourceError                          a dataset or model version ended in ERROR
+    ├── TaskStateError                         a task is not in a state that allows the call
+    │   └── TaskFailedError                    a task ended FAILED or CANCELLED (its reason)
     ├── GitSyncError                           git failed to snapshot or push the algorithm
     └── HTTPError                              the server answered with an error status
         ├── BadRequestError (ValueError)       400 / 422
@@ -60,12 +63,40 @@ class LocalBackendError(AnylearnError):
     """The embedded local backend could not be started or reached."""
 
 
+class ContentChangedError(AnylearnError):
+    """A file of a dataset or model changed (size or content) while it was hashed or sent.
+
+    Not a bad argument: the folder is fine, it was being written to. Run again once the
+    writer is done; what was hashed and uploaded before is not redone.
+    """
+
+
 class AnylearnTimeoutError(AnylearnError, TimeoutError):
     """A wait or poll loop ran past its deadline (seconds)."""
 
 
 class ResourceError(AnylearnError):
     """A dataset or model version ended in the ERROR state on the server."""
+
+
+class TaskStateError(AnylearnError):
+    """The task is not in a state that allows this (results of a task still running, say)."""
+
+
+class TaskFailedError(TaskStateError):
+    """The task ended FAILED or CANCELLED.
+
+    Attributes:
+        task_id: the task.
+        state: its terminal :class:`~anylearn_sdk.states.TaskState`.
+        reason: why, as the server recorded it (``exit code 1: ZeroDivisionError: ...``).
+    """
+
+    def __init__(self, message: str, *, task_id: str, state: Any, reason: str | None):
+        super().__init__(message)
+        self.task_id = task_id
+        self.state = state
+        self.reason = reason
 
 
 class GitSyncError(AnylearnError):

@@ -2,9 +2,14 @@
 
 Like ``ray.init()`` starting a local cluster, the SDK starts this backend itself when nothing
 else is configured; ``anylearn server start|stop|status`` manage the same one. Its data lives in
-``ANYLEARN_HOME/server``; the running server publishes ``server.json`` (``{"url", "pid"}``)
-there, and its first start writes ``admin-credentials.json`` (mode 0600) whose token the SDK
-uses.
+``ANYLEARN_HOME/server``. A data folder has one server at most: it holds the folder's lock
+(:mod:`anylearn_sdk.datadir`), which is how a running server is found, and publishes where it
+listens in ``server.json``. Its first start writes ``admin-credentials.json`` (mode 0600),
+whose token the SDK uses.
+
+The backend listens on the same port at every start while that port is free, and clients of it
+re-read ``server.json`` before each retry (:func:`current_url`), so following a task survives a
+``server stop`` / ``server start``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,10 @@ from pathlib import Path
 
 import requests
 
+from anylearn_sdk.datadir import ADMIN_CREDENTIALS_FILE, LOG_FILE, running_server
 from anylearn_sdk.errors import LocalBackendError
 
 SERVER_DIR = "server"
-ADDRESS_FILE = "server.json"
-ADMIN_CREDENTIALS_FILE = "admin-credentials.json"
-LOG_FILE = "server.log"
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
 HEALTH_TIMEOUT_SECONDS = 2.0
@@ -39,7 +42,13 @@ _children: dict[int, subprocess.Popen] = {}
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """What ``anylearn server status`` shows: ``url`` and ``pid`` are None when not running."""
+    """What ``anylearn server status`` shows.
+
+    Attributes:
+        data_dir: the backend's data folder.
+        pid: the server holding the folder's lock, or None when none runs.
+        url: where it answers; None when none runs, or while it starts.
+    """
 
     data_dir: Path
     url: str | None
@@ -47,6 +56,10 @@ class BackendStatus:
 
     @property
     def running(self) -> bool:
+        return self.pid is not None
+
+    @property
+    def ready(self) -> bool:
         return self.url is not None
 
 
@@ -63,19 +76,27 @@ def _healthy(url: str) -> bool:
 
 
 def status(data_dir: Path) -> BackendStatus:
-    """Whether the backend of ``data_dir`` is up, judged by its address file and health check."""
-    try:
-        info = json.loads((data_dir / ADDRESS_FILE).read_text())
-    except (OSError, ValueError):
+    """Whether a server runs on ``data_dir``, read from the folder's lock (not from
+    ``server.json``, which outlives the server), and its URL once it answers."""
+    found = running_server(data_dir)
+    if found is None:
         return BackendStatus(data_dir, None, None)
-    url, pid = info.get("url"), info.get("pid")
-    if url and _healthy(url):
-        return BackendStatus(data_dir, url, pid)
-    return BackendStatus(data_dir, None, None)
+    pid, url = found
+    return BackendStatus(data_dir, url if url and _healthy(url) else None, pid or None)
+
+
+def current_url(data_dir: Path) -> str | None:
+    """Where the server of ``data_dir`` listens now (no health check), or None if none runs.
+
+    Cheap (a lock probe and a small file read): clients call it before each retry.
+    """
+    found = running_server(data_dir)
+    return found[1] if found is not None else None
 
 
 @contextmanager
 def _start_lock(data_dir: Path):
+    """Serializes starts from several SDK processes (one spawns, the others find it)."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(data_dir / ".start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -83,6 +104,14 @@ def _start_lock(data_dir: Path):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 def start(
@@ -93,16 +122,18 @@ def start(
     timeout: float = START_TIMEOUT_SECONDS,
     options: Sequence[str] = (),
 ) -> BackendStatus:
-    """Start the backend of ``data_dir`` as a detached process unless it already runs.
+    """Start the backend of ``data_dir`` as a detached process unless one already runs there.
 
     ``options`` are further ``python -m anylearn_sdk.server`` options (``--gpus 2``).
 
     Returns:
-        The running backend's status.
+        The running backend's status (the one already running, if any: ``host``, ``port`` and
+        ``options`` then do not apply).
 
     Raises:
         LocalBackendError: the ``server`` extra is not installed, or the server did not answer
-            its health check within ``timeout`` seconds (the message names its log file).
+            its health check within ``timeout`` seconds; the message is the server's own
+            one-line reason (a busy port, say) or names its log file.
     """
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise LocalBackendError(
@@ -110,67 +141,74 @@ def start(
             "(or point the SDK at a backend with ANYLEARN_HOST)"
         )
     with _start_lock(data_dir):
-        current = status(data_dir)
-        if current.running:
-            return current
-        (data_dir / ADDRESS_FILE).unlink(missing_ok=True)
-        log_path = data_dir / LOG_FILE
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "anylearn_sdk.server",
-                    "--data-dir",
-                    str(data_dir),
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    *options,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _children[proc.pid] = proc
         deadline = time.monotonic() + timeout
+        proc = None
+        if not status(data_dir).running:
+            log_path = data_dir / LOG_FILE
+            with open(log_path, "ab") as log:
+                log.write(f"--- starting on {host}:{port or 'last or any port'}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "anylearn_sdk.server",
+                        "--data-dir",
+                        str(data_dir),
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                        *options,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            _children[proc.pid] = proc
         while time.monotonic() < deadline:
             current = status(data_dir)
-            if current.running:
+            if current.ready:
                 return current
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise LocalBackendError(f"the local backend did not start; see {log_path}")
+            if proc is not None and proc.poll() is not None and not current.running:
+                reason = _last_line(data_dir / LOG_FILE)
+                raise LocalBackendError(
+                    f"the local backend did not start: {reason} (log: {data_dir / LOG_FILE})"
+                )
+            time.sleep(0.05)
+        raise LocalBackendError(
+            f"the local backend did not answer within {timeout:g} s; see {data_dir / LOG_FILE}"
+        )
 
 
-def stop(data_dir: Path, *, timeout: float = STOP_TIMEOUT_SECONDS) -> bool:
-    """Stop the backend of ``data_dir`` (SIGTERM). Returns False if it was not running."""
-    current = status(data_dir)
-    if not current.running or current.pid is None:
-        return False
-    try:
-        os.kill(current.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    child = _children.pop(current.pid, None)
-    if child is not None:
+def stop(data_dir: Path, *, timeout: float = STOP_TIMEOUT_SECONDS) -> int | None:
+    """Stop the server of ``data_dir`` (SIGTERM) and wait until it released the folder.
+
+    Returns:
+        The pid it stopped, or None if none was running.
+
+    Raises:
+        LocalBackendError: it still held the folder after ``timeout`` seconds.
+    """
+    found = running_server(data_dir)
+    if found is None:
+        return None
+    pid = found[0]
+    if pid:
         try:
-            child.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
             pass
-    else:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(current.pid, 0)
-            except ProcessLookupError:
-                return True
-            time.sleep(0.1)
-    raise LocalBackendError(f"the local backend (pid {current.pid}) did not stop in {timeout} s")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_server(data_dir) is None:
+            child = _children.pop(pid, None)
+            if child is not None:
+                child.wait()
+            return pid
+        time.sleep(0.05)
+    raise LocalBackendError(f"the local backend (pid {pid}) did not stop in {timeout:g} s")
 
 
 def admin_token(data_dir: Path) -> str:

@@ -6,20 +6,21 @@ and a label (``"hashing data"``), so phases of several datasets can run at once.
 
 Library users pass their own :class:`ProgressCallback`; by default the SDK shows tqdm bars on
 stderr (one per phase, in bytes, sharing one lock across threads, as huggingface_hub does) and
-one-line messages. ``ANYLEARN_DISABLE_PROGRESS_BARS`` (any value but ``""`` or ``0``) or
-the bars off while keeping the one-line messages on stderr; ``progress=False`` silences both
+one-line messages. ``ANYLEARN_DISABLE_PROGRESS_BARS`` (true: ``1``, ``true``, ``yes``, ``on``)
+turns the bars off while keeping the one-line messages on stderr; ``progress=False`` silences both
 (messages then go to the ``anylearn_sdk`` logger only).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from typing import Protocol
 
 from tqdm.auto import tqdm
+
+from anylearn_sdk.config import progress_bars_disabled
 
 log = logging.getLogger("anylearn_sdk")
 
@@ -101,7 +102,8 @@ class TqdmProgress:
 
 
 def progress_disabled() -> bool:
-    return os.environ.get("ANYLEARN_DISABLE_PROGRESS_BARS", "") not in ("", "0")
+    """``ANYLEARN_DISABLE_PROGRESS_BARS`` (a boolean, see :mod:`anylearn_sdk.config`)."""
+    return progress_bars_disabled()
 
 
 def resolve_progress(progress: bool | ProgressCallback | None) -> ProgressCallback:

@@ -11,17 +11,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from anylearn_sdk import gitsync
-from anylearn_sdk.client.http import ApiClient
+from anylearn_sdk.client.http import ApiClient, make_body
 from anylearn_sdk.config import stored_token
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.errors import InvalidArgumentError, NotFoundError
+from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE
 from anylearn_sdk.progress import ProgressCallback, resolve_progress
 from anylearn_sdk.protocol import check_relative_path
 from anylearn_sdk.resources.algorithm import (
@@ -33,17 +33,25 @@ from anylearn_sdk.resources.algorithm import (
 )
 from anylearn_sdk.resources.dataset import Dataset, await_ready, get_ready, start_sync
 from anylearn_sdk.resources.project import Project, ensure_project, find_project
-from anylearn_sdk.resources.runtime import resolve_mirror, resolve_quota_group
+from anylearn_sdk.resources.runtime import check_amounts, resolve_mirror, resolve_quota_group
 from anylearn_sdk.resources.train_task import TrainTask
+from anylearn_sdk.resources.upload import upload_pool
 from anylearn_sdk.session import SdkContext, get_context, server_id_of
 from anylearn_sdk.states import TaskState
+from anylearn_sdk.wire import (
+    IDEMPOTENCY_HEADER,
+    AlgorithmRecord,
+    HyperValue,
+    Mount,
+    Mounts,
+    NewTask,
+    TaskRecord,
+)
 
 log = logging.getLogger(__name__)
-REQUEST_KEYS = ("cpu", "memory_mb", "gpu")
 DEFAULT_QUOTA_GROUP = "default"
 #: Seconds to wait for a dataset or model to become READY before giving up.
 DEFAULT_RESOURCE_TIMEOUT = 3600.0
-HyperValue = str | int | float | bool | None
 
 
 def _as_list(value: str | list[str] | tuple[str, ...] | None, arg: str) -> list[str]:
@@ -110,24 +118,6 @@ def _check_hyperparams(hyperparams: Mapping[str, Any] | None) -> dict[str, Hyper
             )
         result[key] = value
     return result
-
-
-def _check_request(request: Mapping[str, Any] | None) -> dict[str, float] | None:
-    if request is None:
-        return None
-    unknown = set(request) - set(REQUEST_KEYS)
-    if unknown:
-        raise InvalidArgumentError(
-            f"quota_group_request has unknown keys {sorted(unknown)}; allowed: {list(REQUEST_KEYS)}"
-        )
-    for key, value in request.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise InvalidArgumentError(f"quota_group_request[{key!r}] = {value!r} must be >= 0")
-        if key != "cpu" and value != int(value):
-            raise InvalidArgumentError(
-                f"quota_group_request[{key!r}] = {value!r} must be a whole number"
-            )
-    return {k: request.get(k, 0) for k in REQUEST_KEYS}
 
 
 def _positive(value: Any, arg: str, *, integer: bool) -> None:
@@ -238,7 +228,10 @@ def quick_train(
         )
     output = check_output(output, alg_dir)
     params = _check_hyperparams(hyperparams)
-    request = _check_request(quota_group_request)
+    if quota_group_request is not None and not isinstance(quota_group_request, Mapping):
+        raise InvalidArgumentError("quota_group_request must be a dict such as {'cpu': 2}")
+    amounts = check_amounts("quota_group_request", dict(quota_group_request or {}))
+    request = amounts.model_dump() if quota_group_request is not None and amounts else None
     _positive(num_nodes, "num_nodes", integer=True)
     _positive(nproc_per_node, "nproc_per_node", integer=True)
     _positive(resource_polling, "resource_polling", integer=False)
@@ -268,59 +261,68 @@ def quick_train(
     alg_name = algorithm_name or algorithm_name_for(alg_dir.name if alg_dir else "algorithm")
     existing_alg = find_algorithm(ctx, algorithm_id, alg_name)
 
-    # 3. Local work that creates nothing remotely: pin the code, hash the data.
-    if alg_dir is not None:
-        snap = gitsync.snapshot(
-            alg_dir,
-            force=algorithm_force_update,
-            git_ref=algorithm_git_ref,
-            scratch_root=ctx.settings.home / "snapshots",
-        )
-    else:
-        snap = None
-    manifests: list[tuple[str, Manifest, str]] = []
-    for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
-        if folder is not None:
-            manifest = build_manifest(folder, ctx.store, report, label=folder.name)
-            manifests.append((kind, manifest, folder.name))
-    if archive is not None:
-        name = algorithm_name_for(archive.name.split(".")[0])
-        manifests.append(("dataset", archive_manifest(archive, ctx.store, report, name), name))
-    return _submit(
-        ctx,
-        report,
-        snap=snap,
-        manifests=manifests,
-        found_project=found_project,
-        new_project_name=new_project_name,
-        existing_alg=existing_alg,
-        alg_name=alg_name,
-        algorithm_id=algorithm_id,
-        algorithm_git_ref=algorithm_git_ref,
-        existing=(existing_datasets, existing_models),
-        resource_polling=resource_polling,
-        resource_timeout=resource_timeout,
-        body={
-            "name": task_name,
-            "description": task_description or "",
-            "entrypoint": entrypoint,
-            "hyperparams": params,
-            "hyperparams_prefix": hyperparams_prefix,
-            "hyperparams_delimiter": hyperparams_delimeter,
-            "pretrain": {
-                "ids": pretrain_ids,
-                "hyperparam_name": pretrain_hyperparam_name or None,
-            },
-            "dataset_hyperparam_name": dataset_hyperparam_name or None,
-            "model_hyperparam_name": model_hyperparam_name or None,
-            "output": output,
-            "mirror_id": mirror.id,
-            "quota_group_id": group.id,
-            "request": request,
-            "num_nodes": num_nodes,
-            "nproc_per_node": nproc_per_node,
-        },
+    draft = make_body(
+        NewTask,
+        name=task_name,
+        description=task_description or "",
+        entrypoint=entrypoint,
+        hyperparams=params,
+        hyperparams_prefix=hyperparams_prefix,
+        hyperparams_delimiter=hyperparams_delimeter,
+        mounts=Mounts(
+            dataset=Mount(hyperparam_name=dataset_hyperparam_name or None),
+            model=Mount(hyperparam_name=model_hyperparam_name or None),
+            pretrain=Mount(ids=pretrain_ids, hyperparam_name=pretrain_hyperparam_name or None),
+        ),
+        output=output,
+        mirror_id=mirror.id,
+        quota_group_id=group.id,
+        request=request,
+        num_nodes=num_nodes,
+        nproc_per_node=nproc_per_node,
+        algorithm_id="",  # known once the algorithm is synced
+        commit="",
     )
+
+    # 3. Local work that creates nothing remotely: pin the code, hash the data.
+    try:
+        if alg_dir is not None:
+            snap = gitsync.snapshot(
+                alg_dir,
+                force=algorithm_force_update,
+                git_ref=algorithm_git_ref,
+                scratch_root=ctx.settings.home / "snapshots",
+            )
+        else:
+            snap = None
+        manifests: list[tuple[str, Manifest, str]] = []
+        for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
+            if folder is not None:
+                manifest = build_manifest(folder, ctx.store, report, label=folder.name)
+                manifests.append((kind, manifest, folder.name))
+        if archive is not None:
+            name = algorithm_name_for(archive.name.split(".")[0])
+            manifest = archive_manifest(archive, ctx.store, report, name)
+            manifests.append(("dataset", manifest, name))
+        return _submit(
+            ctx,
+            report,
+            snap=snap,
+            manifests=manifests,
+            found_project=found_project,
+            new_project_name=new_project_name,
+            existing_alg=existing_alg,
+            alg_name=alg_name,
+            algorithm_id=algorithm_id,
+            algorithm_git_ref=algorithm_git_ref,
+            existing=(existing_datasets, existing_models),
+            resource_polling=resource_polling,
+            resource_timeout=resource_timeout,
+            draft=draft,
+        )
+    except KeyboardInterrupt:
+        report.message(INTERRUPTED_MESSAGE)
+        raise
 
 
 def _submit(
@@ -331,16 +333,17 @@ def _submit(
     manifests: list[tuple[str, Manifest, str]],
     found_project: Project | None,
     new_project_name: str | None,
-    existing_alg: dict | None,
+    existing_alg: AlgorithmRecord | None,
     alg_name: str,
     algorithm_id: str | None,
     algorithm_git_ref: str | None,
     existing: tuple[list[Dataset], list[Dataset]],
     resource_polling: float,
     resource_timeout: float,
-    body: dict[str, Any],
+    draft: NewTask,
 ) -> tuple[TrainTask, Algorithm, list[Dataset], Project]:
-    """Create on the server what is missing, upload data, then create the task."""
+    """Create on the server what is missing, upload data, then create the task (``draft``
+    with its algorithm, commit, project and mounts filled in)."""
 
     # 4. Create what is missing on the server.
     project = ensure_project(ctx, found_project, new_project_name)
@@ -352,11 +355,13 @@ def _submit(
                 f"algorithm_git_ref {algorithm_git_ref!r} is not a commit "
                 f"of algorithm {algorithm_id}"
             )
-        algorithm = Algorithm(existing_alg["id"], existing_alg["name"], algorithm_git_ref)
+        if existing_alg is None:  # pragma: no cover - find_algorithm raised already
+            raise InvalidArgumentError(f"algorithm_id {algorithm_id!r} not found")
+        algorithm = Algorithm(existing_alg.id, existing_alg.name, algorithm_git_ref)
     synced: dict[str, list[Dataset]] = {"dataset": [], "model": []}
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-upload") as pool:
+    with upload_pool() as (pool, stop):
         pending = [
-            start_sync(ctx, kind, manifest, name, project.id, pool, report)
+            start_sync(ctx, kind, manifest, name, project.id, pool, report, interrupt=stop)
             for kind, manifest, name in manifests
         ]
         for item in pending:
@@ -367,27 +372,27 @@ def _submit(
             )
     datasets = existing[0] + synced["dataset"]
     models = existing[1] + synced["model"]
-    body = dict(body)
-    body["mounts"] = {
-        "dataset": {
-            "ids": [d.id for d in datasets],
-            "hyperparam_name": body.pop("dataset_hyperparam_name"),
-        },
-        "model": {
-            "ids": [m.id for m in models],
-            "hyperparam_name": body.pop("model_hyperparam_name"),
-        },
-        "pretrain": body.pop("pretrain"),
-    }
-    body.update(
-        name=body["name"] or algorithm.name,
-        project_id=project.id,
-        algorithm_id=algorithm.id,
-        commit=algorithm.commit,
+    mounts = draft.mounts.model_copy(
+        update={
+            "dataset": draft.mounts.dataset.model_copy(update={"ids": [d.id for d in datasets]}),
+            "model": draft.mounts.model.model_copy(update={"ids": [m.id for m in models]}),
+        }
     )
-    data = ctx.api.post_json("/train-tasks", body, headers={"Idempotency-Key": uuid.uuid4().hex})
-    ctx.store.record_task(ctx.server_id, ctx.settings.host, ctx.settings.username, data)
-    task = TrainTask(data["id"], context=ctx, data=data)
+    body = draft.model_copy(
+        update={
+            "name": draft.name or algorithm.name,
+            "project_id": project.id,
+            "algorithm_id": algorithm.id,
+            "commit": algorithm.commit,
+            "mounts": mounts,
+        }
+    )
+    headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+    record = ctx.api.call("POST", "/train-tasks", TaskRecord, body, headers=headers)
+    ctx.store.record_task(
+        ctx.server_id, ctx.settings.host, ctx.settings.username, record.model_dump(mode="json")
+    )
+    task = TrainTask(record.id, context=ctx, record=record)
     report.message(f"task {task.id} created ({task.state.value}) at commit {algorithm.commit[:12]}")
     return task, algorithm, datasets, project
 

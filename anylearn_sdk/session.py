@@ -7,22 +7,24 @@ started on 127.0.0.1 when nothing else is configured (see :mod:`anylearn_sdk.loc
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from anylearn_sdk import local_backend
-from anylearn_sdk.client.http import ApiClient
+from anylearn_sdk.client.http import ApiClient, make_body
 from anylearn_sdk.config import (
     Settings,
     anylearn_home,
     configured_host,
+    env_token,
     normalize_host,
+    save_login,
     stored_token,
 )
 from anylearn_sdk.errors import AnylearnError, ConfigurationError
 from anylearn_sdk.store import LocalStore
+from anylearn_sdk.wire import Health, LoginBody, LoginResult, UserRecord
 
 
 @dataclass
@@ -49,14 +51,46 @@ _current: SdkContext | None = None
 _lock = threading.Lock()
 
 
-def login(host: str, username: str, password: str) -> str:
-    """Exchange a username and password for a token at ``host``.
+def request_token(host: str, username: str, password: str) -> str:
+    """Exchange a username and password for a new token at ``host``.
 
     Raises:
         AuthenticationError: wrong username or password.
     """
-    api = ApiClient(host, None)
-    return api.post_json("/auth/login", {"username": username, "password": password})["token"]
+    body = make_body(LoginBody, username=username, password=password)
+    return ApiClient(host, None).call("POST", "/auth/login", LoginResult, body).token
+
+
+def login(
+    host: str,
+    username: str | None = None,
+    password: str | None = None,
+    *,
+    token: str | None = None,
+) -> UserRecord:
+    """Log in to the backend at ``host`` and make it the default (as ``anylearn login``).
+
+    The token (``token``, or a new one for ``username``/``password``) is checked, then saved
+    for ``host`` in ``ANYLEARN_HOME/credentials.json`` (mode 0600); later calls use it.
+
+    Returns:
+        The user the token belongs to.
+
+    Raises:
+        ConfigurationError: a bad address, or neither a token nor a username and password.
+        AuthenticationError: the password or the token was rejected.
+    """
+    host = normalize_host(host)
+    if token is None:
+        if username is None or password is None:
+            raise ConfigurationError("give a token, or a username and a password")
+        token = request_token(host, username, password)
+    home = anylearn_home()
+    ctx = connect(Settings(host=host, token=token, home=home, username=username))
+    user = ctx.api.call("GET", "/users/me", UserRecord)
+    save_login(home, host, token, user.username)
+    reset()
+    return user
 
 
 def resolve_settings(
@@ -80,9 +114,9 @@ def resolve_settings(
     if embedded:
         host = local_backend.start(local_backend.data_dir_for(home)).url
     if token is None and username is not None and password is not None:
-        token = login(host, username, password)
-    if token is None:
-        token = os.environ.get("ANYLEARN_TOKEN") or None
+        token = request_token(host, username, password)
+    if token is None and not embedded:
+        token = env_token(home, host)
     if token is None:
         token, saved_user = stored_token(home, host)
         username = username or saved_user
@@ -96,10 +130,24 @@ def resolve_settings(
 
 
 def connect(settings: Settings) -> SdkContext:
-    api = ApiClient(settings.host, settings.token)
-    health = api.get_json("/health")
-    api.get_json("/users/me")  # fail now, with a clear 401, if the token is wrong
-    return SdkContext(settings=settings, api=api, server_id=health["server_id"])
+    """Open a connection with resolved ``settings``: check the server answers and the token is
+    good. A client of the embedded backend re-reads its address after a connection failure.
+
+    Raises:
+        ServerError: the backend cannot be reached.
+        AuthenticationError: the token was rejected.
+    """
+    locate = None
+    if settings.embedded:
+        data_dir = local_backend.data_dir_for(settings.home)
+
+        def locate() -> str | None:
+            return local_backend.current_url(data_dir)
+
+    api = ApiClient(settings.host, settings.token, locate=locate)
+    health = api.call("GET", "/health", Health)
+    api.request("GET", "/users/me")  # fail now, with a clear 401, if the token is wrong
+    return SdkContext(settings=settings, api=api, server_id=health.server_id)
 
 
 def init_sdk(
@@ -157,8 +205,7 @@ def reset() -> None:
 def server_id_of(host: str) -> str | None:
     """The ``server_id`` a backend reports on ``/health``, or None if it cannot be reached."""
     try:
-        return ApiClient(host, None).get_json("/health", retry=False, timeout=(3.0, 5.0))[
-            "server_id"
-        ]
-    except (AnylearnError, KeyError, ValueError):
+        api = ApiClient(host, None)
+        return api.call("GET", "/health", Health, retry=False, timeout=(3.0, 5.0)).server_id
+    except AnylearnError:
         return None

@@ -47,6 +47,22 @@ class ResourceState(StrEnum):
         return self in (ResourceState.READY, ResourceState.ERROR, ResourceState.DELETED)
 
 
+class UploadState(StrEnum):
+    """A tus upload on the server.
+
+    RECEIVING (bytes still arriving), COMPLETE (a partial upload with all its bytes, waiting for
+    the final upload that concatenates it), CONSUMED (a partial joined into a final), VERIFYING
+    (on a worker thread), STORED (every object verified and in the store) or FAILED.
+    """
+
+    RECEIVING = "RECEIVING"
+    COMPLETE = "COMPLETE"
+    CONSUMED = "CONSUMED"
+    VERIFYING = "VERIFYING"
+    STORED = "STORED"
+    FAILED = "FAILED"
+
+
 class ErrorCode(StrEnum):
     """Machine-readable ``error.code`` of the HTTP API (``{"error": {"code", "message"}}``)."""
 

@@ -333,7 +333,8 @@ class LocalStore:
 
     # train tasks ---------------------------------------------------------------------------
     def record_task(self, server: str, host: str, username: str | None, task: dict) -> None:
-        """Record a task just created on ``server`` (its id), reached at ``host``."""
+        """Record a task just created on ``server`` (``task``: its record as JSON), reached at
+        ``host``."""
         now = time.time()
         with self._write():
             self.db["train_tasks"].upsert(
@@ -357,6 +358,12 @@ class LocalStore:
             self.db.execute(
                 "update train_tasks set state = ?, updated_at = ? where server = ? and task_id = ?",
                 [state, time.time(), server, task_id],
+            )
+
+    def forget_task(self, server: str, task_id: str) -> None:
+        with self._write():
+            self.db.execute(
+                "delete from train_tasks where server = ? and task_id = ?", [server, task_id]
             )
 
     def unfinished_tasks(self) -> list[dict]:

@@ -7,7 +7,6 @@ unchanged folder is recognised from one walk, and only objects the server lacks 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -15,6 +14,7 @@ from typing import cast
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE
 from anylearn_sdk.progress import ProgressCallback, resolve_progress
 from anylearn_sdk.resources.algorithm import algorithm_name_for
 from anylearn_sdk.resources.dataset import (
@@ -26,9 +26,10 @@ from anylearn_sdk.resources.dataset import (
     start_sync,
 )
 from anylearn_sdk.resources.project import ensure_project, find_project
-from anylearn_sdk.resources.upload import plan_units, upload_streams
+from anylearn_sdk.resources.upload import plan_units, upload_pool, upload_streams
 from anylearn_sdk.session import get_context
 from anylearn_sdk.states import ResourceState
+from anylearn_sdk.wire import DigestList, MissingObjects
 
 
 def _manifest_of(folder: Path | None, archive: Path | None, report: ProgressCallback):
@@ -72,14 +73,20 @@ def _sync(
     def project_id() -> str:
         return ensure_project(ctx, *find_project(ctx, None, project_name)).id
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anylearn-upload") as pool:
-        source = archive if archive is not None else folder
-        guess = pool.submit(last_known, ctx, kind, str(source.resolve())) if source else None
-        manifest = _manifest_of(folder, archive, report)
-        pending = start_sync(ctx, kind, manifest, name, project_id, pool, report, guess)
-        return await_ready(
-            ctx, pending, polling=resource_polling, timeout=resource_timeout, progress=report
-        )
+    try:
+        with upload_pool(workers=1) as (pool, stop):
+            source = archive if archive is not None else folder
+            guess = pool.submit(last_known, ctx, kind, str(source.resolve())) if source else None
+            manifest = _manifest_of(folder, archive, report)
+            pending = start_sync(
+                ctx, kind, manifest, name, project_id, pool, report, guess, interrupt=stop
+            )
+            return await_ready(
+                ctx, pending, polling=resource_polling, timeout=resource_timeout, progress=report
+            )
+    except KeyboardInterrupt:
+        report.message(INTERRUPTED_MESSAGE)
+        raise
 
 
 def sync_dataset(
@@ -190,11 +197,13 @@ def preview_dataset(
     known = known_resource(ctx, "dataset", manifest.checksum)
     entries = manifest.entries
     biggest = sorted(((e.path, e.size) for e in entries), key=lambda x: (-x[1], x[0]))[:top]
-    if known is not None and known["state"] == ResourceState.READY:
+    ready = known is not None and known.state == ResourceState.READY
+    if ready:
         missing: list[str] = []
     else:
         digests = sorted({e.sha256 for e in entries})
-        missing = ctx.api.post_json("/objects/missing", {"digests": digests})["missing"]
+        body = DigestList.model_construct(digests=digests)  # our own digests: no revalidation
+        missing = ctx.api.call("POST", "/objects/missing", MissingObjects, body).missing
     sizes = {e.sha256: e.size for e in entries}
     units = plan_units("preview", missing, sizes, manifest.sources, upload_streams())
     lacking = set(missing)
@@ -204,7 +213,7 @@ def preview_dataset(
         file_count=manifest.file_count,
         total_bytes=manifest.total_bytes,
         hashed_bytes=manifest.hashed_bytes,
-        known_id=known["id"] if known and known["state"] == ResourceState.READY else None,
+        known_id=known.id if known is not None and ready else None,
         upload_files=sum(1 for e in entries if e.sha256 in lacking),
         upload_bytes=sum(u.body.length for u in units),
         biggest=biggest,

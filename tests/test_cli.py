@@ -111,7 +111,8 @@ def test_show_json_listings_and_a_failed_watch(user, algorithm_repo, dataset_dir
     assert [(t["id"], t["state"], t["quota_group"]) for t in listed] == [
         (task.id, "FAILED", "default")
     ]
-    assert listed[0]["last_line"] == "[anylearn] task FAILED: exit code 3"
+    assert listed[0]["last_line"] == "[anylearn] task FAILED: exit code 3; last output: started"
+    assert listed[0]["error"] == "exit code 3; last output: started"
     assert user.get("/train-tasks", params={"state": "RUNNING,QUEUED"}) == []
     assert [t["id"] for t in user.get("/train-tasks", params={"state": "FAILED"})] == [task.id]
     dsets = json.loads(runner.invoke(cli, ["datasets", "ls", "--json"]).output)

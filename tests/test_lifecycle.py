@@ -53,7 +53,7 @@ def test_same_requirements_build_one_environment(user, backend, tmp_path, quota_
     ]
     for task in tasks:
         assert task.wait(timeout=300, poll_interval=0.2) == TaskState.SUCCEEDED
-    keys = {task.refresh().runtime["environment"] for task in tasks}
+    keys = {task.refresh().runtime.environment for task in tasks}
     assert len(keys) == 1 and None not in keys
     (key,) = keys
     assert len(environment_builds(backend)[key]) == 1  # built once
@@ -64,7 +64,7 @@ def test_same_requirements_build_one_environment(user, backend, tmp_path, quota_
     assert f"joining the build of environment {key}" in logs[1] or "reusing it" in logs[1]
     for task, log in zip(tasks, logs, strict=True):
         assert f"six 1.17.0 from {venv.resolve()}" in log
-        assert task.runtime["python"] == str(venv.resolve() / "bin" / "python")
+        assert task.runtime.python == str(venv.resolve() / "bin" / "python")
 
     # A third task, long after: the environment is reused, nothing is installed.
     third = quick_train(
@@ -99,7 +99,7 @@ def test_bad_requirement_fails_with_the_pip_error(user, backend, tmp_path, quota
     log = task.logs()[0]
     assert "ERROR: No matching distribution found for anylearn-no-such-package-4f1c" in log
     assert "six 1.17.0" not in log and task.command is None  # the entrypoint never ran
-    key = task.runtime["environment"]
+    key = task.runtime.environment
     assert key is not None and environment_builds(backend)[key] == []  # nothing half-built kept
 
 
@@ -170,7 +170,7 @@ def test_gpus_are_assigned_by_index(tmp_path):
         release.touch()
         for task in (first, second, third, none):
             assert task.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
-        assert third.refresh().runtime["gpus"] in ([0], [1])
+        assert third.refresh().runtime.gpus in ([0], [1])
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -198,7 +198,7 @@ def test_distributed_example_all_reduce_on_four_ranks(user, quota_group):
     failing = quick_train(hyperparams={"fail-rank": 3}, **common)[0]
     assert failing.wait(timeout=300, poll_interval=0.5) == TaskState.FAILED
     failing.refresh()
-    assert failing.exit_code == 3 and failing.error == "exit code 3"
+    assert failing.exit_code == 3 and failing.error.startswith("exit code 3")
     assert "rank 3 (node 1 local rank 1): failing on purpose" in failing.logs()[0]
 
 
@@ -248,7 +248,7 @@ def test_results_become_inputs(user, tmp_path, quota_group):
     assert "pretrain w=1" in log
     assert "model ['weights.txt']" in log  # the registered results: links were not kept
     assert "model ['vocab.txt']" in log
-    kinds = sorted(i["kind"] for i in second.refresh().inputs)
+    kinds = sorted(i.kind for i in second.refresh().inputs)
     assert kinds == ["model", "model", "pretrain"]
 
     failed = quick_train(entrypoint="python results.py nothing-to-read", **common)[0]

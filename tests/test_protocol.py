@@ -41,26 +41,62 @@ entries = st.lists(
 
 def test_public_api_is_what_we_mean():
     assert set(anylearn_sdk.__all__) == {
-        "Algorithm",
-        "AnylearnError",
-        "Dataset",
-        "Mirror",
-        "Model",
-        "Preview",
-        "Project",
-        "QuotaGroup",
-        "RequiredLocalCommitError",
-        "ResourceState",
-        "TaskState",
-        "TrainTask",
         "__version__",
-        "init_sdk",
-        "preview_dataset",
+        # the main job, and data on its own
         "quick_train",
         "resume_unfinished_local_train_tasks",
         "sync_dataset",
         "sync_model",
+        "preview_dataset",
+        "Preview",
+        # connection
+        "init_sdk",
+        "login",
+        "whoami",
+        # typed results
+        "Algorithm",
+        "Dataset",
+        "Mirror",
+        "Model",
+        "Project",
+        "QuotaGroup",
+        "TrainTask",
+        "TaskRecord",
+        "TaskSummary",
+        "User",
+        "Token",
+        "NewTokenSecret",
+        "ResourceState",
+        "TaskState",
+        # listings the CLI stands on
+        "list_train_tasks",
+        "follow_train_tasks",
+        "newest_train_task",
+        "resolve_task_id",
+        "list_datasets",
+        "list_models",
+        "list_quota_groups",
+        "list_mirrors",
+        "delete_dataset",
+        "delete_model",
+        # tokens, and admin calls
+        "create_token",
+        "list_tokens",
+        "revoke_token",
+        "add_user",
+        "list_users",
+        "remove_user",
+        "add_quota_group",
+        "set_quota_group",
+        "remove_quota_group",
+        "add_mirror",
+        # errors
+        "AnylearnError",
+        "RequiredLocalCommitError",
+        "TaskFailedError",
     }
+    for name in anylearn_sdk.__all__:
+        assert getattr(anylearn_sdk, name) is not None, name
 
 
 @given(entries, st.randoms())

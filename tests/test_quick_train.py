@@ -14,6 +14,7 @@ from anylearn_sdk import (
     RequiredLocalCommitError,
     TaskState,
     TrainTask,
+    delete_dataset,
     quick_train,
     resume_unfinished_local_train_tasks,
 )
@@ -87,8 +88,10 @@ def test_dataset_deleted_on_server_is_registered_again(user, algorithm_repo, dat
         entrypoint="python train.py",
         resource_polling=0.2,
     )
-    first = quick_train(**kwargs)[2][0]
-    get_context().api.request("DELETE", f"/datasets/{first.id}")
+    task, _, datasets, _ = quick_train(**kwargs)
+    first = datasets[0]
+    task.wait(timeout=60, poll_interval=0.2)  # a live task's dataset cannot be deleted
+    delete_dataset(first.id)
     again = quick_train(**kwargs)[2][0]
     assert again.id != first.id and again.state == "READY"
 

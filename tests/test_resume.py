@@ -39,9 +39,9 @@ def make_dataset(root: Path) -> Path:
 def run_child(user, folder: Path, kill_after_events: int | None, delay: float = 0.0) -> bool:
     """Run the child; SIGKILL it ``delay`` seconds after its n-th progress line (if n is
     given; 0 means as soon as the upload phase starts). Returns True if it was killed."""
-    env = {**os.environ, "ANYLEARN_TOKEN": user.token}
+    env = {**os.environ, "ANYLEARN_HOST": user.backend.url, "ANYLEARN_TOKEN": user.token}
     proc = subprocess.Popen(
-        [sys.executable, str(FIXTURES / "sync_child.py"), user.backend.url, str(folder)],
+        [sys.executable, str(FIXTURES / "sync_child.py"), str(folder)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

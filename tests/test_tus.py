@@ -133,4 +133,4 @@ def test_options_advertises_the_protocol(backend):
     response = requests.options(f"{backend.url}/api/v1/uploads", timeout=30)
     assert response.headers["Tus-Version"] == TUS_VERSION
     assert "creation" in response.headers["Tus-Extension"]
-    assert response.headers["Tus-Checksum-Algorithm"] == "sha256"
+    assert response.headers["Tus-Checksum-Algorithm"].split(",") == ["sha1", "sha256"]

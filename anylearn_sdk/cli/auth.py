@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from anylearn_sdk.config import Settings, anylearn_home, normalize_host, save_login
-from anylearn_sdk.session import connect
 from anylearn_sdk.session import login as sdk_login
 
 
@@ -16,13 +14,8 @@ from anylearn_sdk.session import login as sdk_login
 @click.option("--token", help="Use an existing token instead of a password.")
 def login(host: str, username: str | None, password: str | None, token: str | None) -> None:
     """Log in to a backend and make it the default (token saved with mode 0600)."""
-    host = normalize_host(host)
     if token is None:
         username = username or click.prompt("Username")
         password = password or click.prompt("Password", hide_input=True)
-        token = sdk_login(host, username, password)
-    home = anylearn_home()
-    ctx = connect(Settings(host=host, token=token, home=home, username=username))
-    me = ctx.api.get_json("/users/me")
-    save_login(home, host, token, me["username"])
-    click.echo(f"logged in to {host} as {me['username']}")
+    user = sdk_login(host, username, password, token=token)
+    click.echo(f"logged in to {host} as {user.username}")

@@ -1,4 +1,4 @@
-"""``anylearn datasets ls|preview`` and ``anylearn models ls``."""
+"""``anylearn datasets ls|preview|rm`` and ``anylearn models ls|rm``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,20 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
-from anylearn_sdk.cli.output import emit, json_option, size
-from anylearn_sdk.session import get_context
+from anylearn_sdk.cli.output import Col, emit, json_option, size, state_text, table, when
+from anylearn_sdk.resources.dataset import delete_dataset, delete_model, list_datasets, list_models
 from anylearn_sdk.sync import preview_dataset
 
-#: Columns of ``datasets ls`` and ``models ls``.
+#: Columns of ``datasets ls`` and ``models ls``; ``--json`` has the whole checksum.
 RESOURCE_COLUMNS = (
-    ("id", lambda r: r["id"]),
-    ("name", lambda r: r["name"]),
-    ("state", lambda r: r["state"]),
-    ("files", lambda r: r["file_count"]),
-    ("size", lambda r: size(r["total_bytes"])),
-    ("checksum", lambda r: r["checksum"][:16]),
-    ("created", lambda r: r["created_at"][:19].replace("T", " ")),
+    Col("id", lambda r: r.id, key=True),
+    Col("name", lambda r: r.name, flex=True, min_width=8),
+    Col("state", lambda r: state_text(r.state), key=True),
+    Col("files", lambda r: str(r.file_count), key=True),
+    Col("size", lambda r: size(r.total_bytes), key=True),
+    Col("checksum", lambda r: r.checksum[:12], min_width=8),
+    Col("created", lambda r: when(r.created_at), min_width=10),
 )
 
 
@@ -32,10 +31,22 @@ def datasets() -> None:
 
 
 @datasets.command("ls")
+@click.option("--name", help="Only versions with this name.")
 @json_option
-def datasets_ls(as_json: bool) -> None:
+def datasets_ls(name: str | None, as_json: bool) -> None:
     """List your dataset versions: id, name, state, files, size, checksum, created."""
-    emit(get_context().api.get_json("/datasets"), RESOURCE_COLUMNS, as_json)
+    emit(list_datasets(name=name), RESOURCE_COLUMNS, as_json)
+
+
+@datasets.command("rm")
+@click.argument("refs", metavar="DATASET...", nargs=-1, required=True)
+def datasets_rm(refs: tuple[str, ...]) -> None:
+    """Delete dataset versions (ids or unique prefixes); refused while a live task mounts one.
+
+    Files shared with other versions stay on the server.
+    """
+    for ref in refs:
+        click.echo(f"deleted {delete_dataset(ref)}")
 
 
 @click.group()
@@ -44,10 +55,19 @@ def models() -> None:
 
 
 @models.command("ls")
+@click.option("--name", help="Only versions with this name.")
 @json_option
-def models_ls(as_json: bool) -> None:
+def models_ls(name: str | None, as_json: bool) -> None:
     """List your model versions: id, name, state, files, size, checksum, created."""
-    emit(get_context().api.get_json("/models"), RESOURCE_COLUMNS, as_json)
+    emit(list_models(name=name), RESOURCE_COLUMNS, as_json)
+
+
+@models.command("rm")
+@click.argument("refs", metavar="MODEL...", nargs=-1, required=True)
+def models_rm(refs: tuple[str, ...]) -> None:
+    """Delete model versions (ids or unique prefixes); refused while a live task mounts one."""
+    for ref in refs:
+        click.echo(f"deleted {delete_model(ref)}")
 
 
 @datasets.command("preview")
@@ -74,7 +94,9 @@ def preview(path: str, top: int, as_json: bool) -> None:
         console.print(f"already on the server as {result.known_id}: nothing to upload")
     else:
         console.print(f"would upload {result.upload_files} files, {size(result.upload_bytes)}")
-    table = Table("biggest files", "size")
-    for name, nbytes in result.biggest:
-        table.add_row(name, size(nbytes))
-    console.print(table)
+    biggest = [{"path": name, "bytes": nbytes} for name, nbytes in result.biggest]
+    columns = (
+        Col("biggest files", lambda r: r["path"], flex=True, min_width=10),
+        Col("size", lambda r: size(r["bytes"]), key=True),
+    )
+    console.print(table(columns, biggest, console.width))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import click
 
-from anylearn_sdk.cli.output import emit, json_option
-from anylearn_sdk.session import get_context
+from anylearn_sdk.cli.output import Col, emit, json_option
+from anylearn_sdk.resources.runtime import add_mirror, list_mirrors
+
+MIRROR_COLUMNS = (
+    Col("name", lambda m: m.name, key=True),
+    Col("python", lambda m: m.python, flex=True, min_width=10),
+)
 
 
 @click.group()
@@ -20,13 +25,12 @@ def mirrors() -> None:
 )
 def add(name: str, python: str) -> None:
     """Add a mirror (admin only)."""
-    data = get_context().api.post_json("/mirrors", {"name": name, "python": python})
-    click.echo(f"mirror {data['name']} added ({data['python']})")
+    mirror = add_mirror(name, python)
+    click.echo(f"mirror {mirror.name} added ({mirror.python})")
 
 
 @mirrors.command("ls")
 @json_option
 def ls(as_json: bool) -> None:
     """List mirrors: name and the interpreter on the server."""
-    columns = (("name", lambda r: r["name"]), ("python", lambda r: r["python"]))
-    emit(get_context().api.get_json("/mirrors"), columns, as_json)
+    emit(list_mirrors(), MIRROR_COLUMNS, as_json)

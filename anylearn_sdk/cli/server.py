@@ -8,6 +8,7 @@ import click
 
 from anylearn_sdk import local_backend
 from anylearn_sdk.config import anylearn_home
+from anylearn_sdk.datadir import AlreadyRunningError
 
 
 def _data_dir(data_dir: Path | None) -> Path:
@@ -52,10 +53,12 @@ def start(
     for name, value in (("--max-restarts", max_restarts), ("--gpus", gpus)):
         options += [] if value is None else [name, str(value)]
     if detach:
+        running = local_backend.status(folder)
+        if running.running:
+            raise AlreadyRunningError(folder, running.pid, running.url)
         status = local_backend.start(folder, host=host, port=port, options=options)
         click.echo(f"backend running at {status.url} (pid {status.pid}, data {folder})")
         return
-    click.echo(f"starting backend (data {folder}); Ctrl-C stops it")
     from anylearn_sdk.server.runner import main
 
     main(["--host", host, "--port", str(port), "--data-dir", str(folder), *options])
@@ -66,7 +69,8 @@ def start(
 def stop(data_dir: Path | None) -> None:
     """Stop the backend."""
     folder = _data_dir(data_dir)
-    click.echo("stopped" if local_backend.stop(folder) else "not running")
+    pid = local_backend.stop(folder)
+    click.echo(f"stopped (pid {pid})" if pid else f"not running (data {folder})")
 
 
 @server.command()
@@ -75,7 +79,8 @@ def status(data_dir: Path | None) -> None:
     """Show whether the backend runs, and where."""
     st = local_backend.status(_data_dir(data_dir))
     if st.running:
-        click.echo(f"running at {st.url} (pid {st.pid}, data {st.data_dir})")
+        where = f"at {st.url}" if st.ready else "(starting, not answering yet)"
+        click.echo(f"running {where} (pid {st.pid}, data {st.data_dir})")
     else:
         click.echo(f"not running (data {st.data_dir})")
         raise SystemExit(3)

@@ -7,13 +7,16 @@ carries an ``Idempotency-Key`` header. They cover connection errors and 408/429/
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -22,19 +25,21 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from anylearn_sdk import __version__
+from anylearn_sdk._version import __version__
 from anylearn_sdk.errors import (
     AuthenticationError,
     BadRequestError,
     ConflictError,
     HTTPError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     ServerError,
 )
+from anylearn_sdk.wire import API_PREFIX, IDEMPOTENCY_HEADER
 
 log = logging.getLogger(__name__)
-API_PREFIX = "/api/v1"
+B = TypeVar("B", bound=BaseModel)
 #: (connect, read) timeout in seconds for every call unless a call says otherwise.
 DEFAULT_TIMEOUT = (10.0, 60.0)
 RETRY_ATTEMPTS = 5
@@ -48,6 +53,31 @@ _STATUS_CLASSES: dict[int, type[HTTPError]] = {
     409: ConflictError,
     422: BadRequestError,
 }
+
+
+def make_body(model: type[B], **fields: Any) -> B:
+    """``model(**fields)``, a request body built from a caller's arguments.
+
+    Raises:
+        InvalidArgumentError: a field breaks the model's rules (one line naming it).
+    """
+    try:
+        return model(**fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or model.__name__
+        value = first.get("input")
+        raise InvalidArgumentError(f"{where} {value!r}: {first.get('msg', 'invalid')}") from None
+
+
+@functools.cache
+def _adapter(into: Any) -> TypeAdapter:
+    return TypeAdapter(into)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 class _RetryableStatus(Exception):
@@ -112,14 +142,24 @@ class ApiClient:
     The ``requests.Session`` is created on first use and dropped in a forked child (a pool's
     sockets must not be shared across processes).
 
+    Args:
+        host: the backend's base URL.
+        token: the bearer token, sent in the ``Authorization`` header to ``host`` only.
+        locate: for a backend whose address may change (the local one), a function giving its
+            current base URL (None when it is down); asked after every connection failure, so
+            the next attempt goes where the backend listens now.
+
     Attributes:
         sent_bytes: request body bytes sent so far, from every thread, retries included (what a
             submit really cost the network, manifests and uploads alike).
     """
 
-    def __init__(self, host: str, token: str | None):
+    def __init__(
+        self, host: str, token: str | None, *, locate: Callable[[], str | None] | None = None
+    ):
         self.host = host.rstrip("/")
         self._token = token
+        self._locate = locate
         self._local = threading.local()
         self._pid = os.getpid()
         self.sent_bytes = 0
@@ -141,7 +181,16 @@ class ApiClient:
         return session
 
     def url(self, path: str) -> str:
+        """The full URL of ``path`` under ``/api/v1``, or ``path`` itself if it is a full URL
+        on this backend.
+
+        Raises:
+            ServerError: ``path`` is a full URL on another origin (a ``Location`` header never
+                takes the token elsewhere).
+        """
         if path.startswith(("http://", "https://")):
+            if _origin(path) != _origin(self.host):
+                raise ServerError(f"the server pointed to {_origin(path)}, not {self.host}")
             return path
         if path.startswith(API_PREFIX):
             return f"{self.host}{path}"
@@ -176,14 +225,16 @@ class ApiClient:
         method = method.upper()
         headers: Mapping[str, str] = kwargs.get("headers") or {}
         if retry is None:
-            retry = method in SAFE_METHODS or "Idempotency-Key" in headers
-        url = self.url(path)
+            retry = method in SAFE_METHODS or IDEMPOTENCY_HEADER in headers
 
         def attempt() -> requests.Response:
+            url = self.url(path)
             try:
                 response = self.session.request(method, url, timeout=timeout, **kwargs)
             except requests.RequestException as err:
                 self._count(getattr(err, "request", None))
+                if isinstance(err, requests.ConnectionError):
+                    self.relocate()
                 raise
             self._count(response.request)
             if retry and response.status_code in RETRY_STATUSES:
@@ -209,6 +260,14 @@ class ApiClient:
             raise_for_status(response, resource_id=resource_id)
         return response
 
+    def relocate(self) -> None:
+        """Ask ``locate`` where the backend listens now, and go there from the next request."""
+        if self._locate is None:
+            return
+        found = self._locate()
+        if found:
+            self.host = found.rstrip("/")
+
     def _count(self, prepared: requests.PreparedRequest | None) -> None:
         body = getattr(prepared, "body", None)
         if isinstance(body, (bytes, str)):
@@ -224,3 +283,29 @@ class ApiClient:
 
     def post_json(self, path: str, body: Any = None, **kwargs: Any) -> Any:
         return self.request("POST", path, json=body, **kwargs).json()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        into: Any,
+        body: BaseModel | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Send ``body`` (a :mod:`anylearn_sdk.wire` model; fields never set are left out, so
+        the server applies the same defaults) and parse the answer into ``into`` (a model
+        class, or a type such as ``list[TaskSummary]``).
+
+        Raises:
+            HTTPError: as :meth:`request`.
+            ServerError: the answer does not match ``into`` (a server of another version).
+        """
+        if body is not None:
+            kwargs["json"] = body.model_dump(mode="json", exclude_unset=True)
+        response = self.request(method, path, **kwargs)
+        try:
+            return _adapter(into).validate_json(response.content)
+        except ValidationError as err:
+            raise ServerError(
+                f"unexpected answer to {method} {path}: {err.errors()[0].get('msg', err)}"
+            ) from err

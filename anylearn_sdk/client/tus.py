@@ -11,6 +11,7 @@ server accepts.
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -18,9 +19,9 @@ import requests
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from anylearn_sdk.client.http import ApiClient, raise_for_status
-from anylearn_sdk.errors import HTTPError, ServerError
+from anylearn_sdk.errors import AnylearnError, HTTPError, ServerError
+from anylearn_sdk.wire import TUS_VERSION
 
-TUS_VERSION = "1.0.0"
 UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
 #: Most bytes one PATCH request carries (streamed in ``UPLOAD_CHUNK_BYTES`` reads).
 PATCH_BYTES = 128 * 1024 * 1024
@@ -39,6 +40,11 @@ class Body(Protocol):
     def read_at(self, offset: int, size: int) -> bytes: ...
 
 
+class UploadStopped(AnylearnError):
+    """The upload was stopped on request (Ctrl-C): what the server acknowledged stays, and
+    the next run resumes from the server's offset."""
+
+
 class _PatchBody:
     """Bytes ``start``..``end`` of a body, streamed ``UPLOAD_CHUNK_BYTES`` at a time.
 
@@ -48,8 +54,16 @@ class _PatchBody:
     byte that reached the server.
     """
 
-    def __init__(self, reader: Body, start: int, end: int, count: Callable[[int], None]):
+    def __init__(
+        self,
+        reader: Body,
+        start: int,
+        end: int,
+        count: Callable[[int], None],
+        stop: threading.Event | None = None,
+    ):
         self.reader, self.start, self.end, self.count = reader, start, end, count
+        self.stop = stop
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -57,6 +71,10 @@ class _PatchBody:
     def __iter__(self):
         offset = self.start
         while offset < self.end:
+            if self.stop is not None and self.stop.is_set():
+                # Raised inside the request: urllib3 closes the connection, and the server
+                # keeps the bytes that reached it (tus §Core, PATCH without a checksum).
+                raise UploadStopped("upload stopped")
             block = self.reader.read_at(offset, min(UPLOAD_CHUNK_BYTES, self.end - offset))
             if not block:
                 return
@@ -77,9 +95,21 @@ def encode_metadata(metadata: Mapping[str, str]) -> str:
 
 
 class TusClient:
-    def __init__(self, api: ApiClient, endpoint: str = "/uploads"):
+    """A tus client of one backend's upload endpoint.
+
+    Args:
+        api: the backend's client (session, token, retries).
+        endpoint: the upload creation URL path.
+        stop: when set, a PATCH in flight ends within one ``UPLOAD_CHUNK_BYTES`` read and the
+            upload raises :class:`UploadStopped`; backoff waits end at once too.
+    """
+
+    def __init__(
+        self, api: ApiClient, endpoint: str = "/uploads", *, stop: threading.Event | None = None
+    ):
         self.api = api
         self.endpoint = endpoint
+        self.stop = stop
 
     def create(self, length: int, metadata: Mapping[str, str], *, partial: bool = False) -> str:
         """Create an upload of ``length`` bytes (a partial one for concatenation if asked).
@@ -147,6 +177,7 @@ class TusClient:
         Raises:
             ServerError: a chunk failed ``CHUNK_ATTEMPTS`` times in a row.
             HTTPError: the server refused the upload (401, 404, 460...).
+            UploadStopped: ``stop`` was set.
         """
         offset = self.offset(url)
         if offset is None:
@@ -177,7 +208,7 @@ class TusClient:
             start = state["offset"]
             end = min(reader.length, start + PATCH_BYTES)
 
-            body = _PatchBody(reader, start, end, self.api.count_sent)
+            body = _PatchBody(reader, start, end, self.api.count_sent, self.stop)
             try:
                 response = self.api.request(
                     "PATCH",
@@ -203,10 +234,14 @@ class TusClient:
             state["offset"] = new_offset
             return new_offset - start
 
+        stop = self.stop or threading.Event()
         while state["offset"] < reader.length:
+            if stop.is_set():
+                raise UploadStopped("upload stopped")
             retrying = Retrying(
                 stop=stop_after_attempt(CHUNK_ATTEMPTS),
                 wait=wait_exponential_jitter(multiplier=0.2, max=10.0, jitter=0.2),
+                sleep=stop.wait,  # a backoff ends as soon as the upload is stopped
                 retry=retry_if_exception(
                     lambda e: isinstance(e, (_Resync, requests.RequestException))
                 ),

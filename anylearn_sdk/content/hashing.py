@@ -20,12 +20,15 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.config import hash_mmap_enabled
+from anylearn_sdk.errors import ContentChangedError
+from anylearn_sdk.interrupts import sigint_ignored
 
 #: Files at least this large are hashed one per task; smaller ones in batches.
 LARGE_HASH_BYTES = 4 * 1024 * 1024
@@ -35,7 +38,6 @@ HASH_WINDOW_BYTES = 16 * 1024 * 1024
 SMALL_BATCH_BYTES = 16 * 1024 * 1024
 SMALL_BATCH_FILES = 256
 #: Set to ``0`` to read large files rather than map them.
-MMAP_ENV = "ANYLEARN_HASH_MMAP"
 
 
 class ScannedFile(NamedTuple):
@@ -49,8 +51,8 @@ class ScannedFile(NamedTuple):
     mode: int
 
 
-def _changed(path: str) -> InvalidArgumentError:
-    return InvalidArgumentError(f"file {path!r} changed while it was hashed; submit again")
+def _changed(path: str) -> ContentChangedError:
+    return ContentChangedError(f"file {path!r} changed while it was hashed; submit again")
 
 
 @contextmanager
@@ -66,15 +68,29 @@ def _aligned_buffer(size: int) -> Iterator[memoryview]:
 
 
 def _mmap_enabled() -> bool:
-    return os.environ.get(MMAP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return hash_mmap_enabled()
+
+
+class HashingStopped(Exception):
+    """Hashing was stopped on request (Ctrl-C); raised in the worker threads."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise HashingStopped
 
 
 def _hash_mapped(
-    fd: int, path: str, size: int, on_bytes: Callable[[int], None] | None
+    fd: int,
+    path: str,
+    size: int,
+    on_bytes: Callable[[int], None] | None,
+    stop: threading.Event | None = None,
 ) -> str | None:
     """The digest, or None if the file cannot be mapped at all (some FUSE mounts)."""
     digest = hashlib.sha256()
     for offset in range(0, size, HASH_WINDOW_BYTES):
+        _check(stop)
         if os.fstat(fd).st_size != size:
             raise _changed(path)
         length = min(HASH_WINDOW_BYTES, size - offset)
@@ -91,47 +107,60 @@ def _hash_mapped(
     return digest.hexdigest()
 
 
-def _hash_read(fd: int, on_bytes: Callable[[int], None] | None) -> str:
+def _hash_read(
+    fd: int, on_bytes: Callable[[int], None] | None, stop: threading.Event | None = None
+) -> str:
     digest = hashlib.sha256()
     with _aligned_buffer(HASH_WINDOW_BYTES) as view:
         while n := os.readv(fd, [view]):
+            _check(stop)
             digest.update(view[:n])
             if on_bytes is not None:
                 on_bytes(n)
     return digest.hexdigest()
 
 
-def hash_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
+def hash_file(
+    path: str,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> str:
     """sha256 (hex) of the file at ``path``, mapped window by window where allowed, else read.
 
     ``on_bytes(n)`` is called as each window of ``n`` bytes is hashed.
 
     Raises:
-        InvalidArgumentError: the file changed size while it was hashed.
+        ContentChangedError: the file changed size while it was hashed.
+        HashingStopped: ``stop`` was set (checked before each window).
         OSError: it cannot be opened or read.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size and _mmap_enabled():
-            digest = _hash_mapped(fd, path, size, on_bytes)
+            digest = _hash_mapped(fd, path, size, on_bytes, stop)
             if digest is not None:
                 return digest
-        return _hash_read(fd, on_bytes)
+        return _hash_read(fd, on_bytes, stop)
     finally:
         os.close(fd)
 
 
-def _hash_large(f: ScannedFile, on_bytes: Callable[[int], None]) -> str:
-    digest = hash_file(f.abspath, on_bytes)
+def _hash_large(
+    f: ScannedFile, on_bytes: Callable[[int], None], stop: threading.Event | None = None
+) -> str:
+    digest = hash_file(f.abspath, on_bytes, stop)
     st = os.stat(f.abspath)
     if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
         raise _changed(f.abspath)
     return digest
 
 
-def _hash_small_batch(batch: list[ScannedFile], on_bytes: Callable[[int], None]) -> list[str]:
+def _hash_small_batch(
+    batch: list[ScannedFile], on_bytes: Callable[[int], None], stop: threading.Event | None = None
+) -> list[str]:
     """Hash small files with one ``readv`` each (the size is known from the walk)."""
+    _check(stop)
     digests = []
     sha256 = hashlib.sha256
     with _aligned_buffer(max(f.size for f in batch) + 1) as view:
@@ -171,7 +200,7 @@ def hash_files(
     ``on_bytes(n)`` is called from the worker threads as ``n`` more bytes are hashed.
 
     Raises:
-        InvalidArgumentError: a file changed size while it was read.
+        ContentChangedError: a file changed size while it was read.
         OSError: a file cannot be opened or read.
     """
     large = [i for i, f in enumerate(files) if f.size >= LARGE_HASH_BYTES]
@@ -185,14 +214,25 @@ def hash_files(
             for i, d in zip(b, _hash_small_batch([files[i] for i in b], on_bytes), strict=True):
                 digests[i] = d
         return digests
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-hash") as pool:
-        large_futures = {i: pool.submit(_hash_large, files[i], on_bytes) for i in large}
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-hash")
+    try:
+        large_futures = {i: pool.submit(_hash_large, files[i], on_bytes, stop) for i in large}
         batch_futures = [
-            (b, pool.submit(_hash_small_batch, [files[i] for i in b], on_bytes)) for b in batches
+            (b, pool.submit(_hash_small_batch, [files[i] for i in b], on_bytes, stop))
+            for b in batches
         ]
         for i, fut in large_futures.items():
             digests[i] = fut.result()
         for b, fut in batch_futures:
             for i, d in zip(b, fut.result(), strict=True):
                 digests[i] = d
+    except BaseException:
+        # Ctrl-C or a failed file: the other threads stop at their next window, queued work
+        # is dropped, and a second Ctrl-C does not interrupt the join.
+        stop.set()
+        with sigint_ignored():
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return digests

@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Protocol
 
-from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.errors import ContentChangedError, InvalidArgumentError
 
 
 class Source(Protocol):
@@ -23,7 +23,7 @@ class Source(Protocol):
         """``take`` bytes starting ``skip`` bytes in.
 
         Raises:
-            InvalidArgumentError: the source changed since it was hashed.
+            ContentChangedError: the source changed since it was hashed.
         """
 
 
@@ -37,13 +37,13 @@ class FileSource:
     def read(self, skip: int, take: int) -> bytes:
         with open(self.path, "rb", buffering=0) as f:
             if os.fstat(f.fileno()).st_size != self.size:
-                raise InvalidArgumentError(
+                raise ContentChangedError(
                     f"file {self.path!r} changed while uploading; submit again"
                 )
             f.seek(skip)
             data = f.read(take)
         if len(data) != take:
-            raise InvalidArgumentError(f"file {self.path!r} changed while uploading")
+            raise ContentChangedError(f"file {self.path!r} changed while uploading; submit again")
         return data
 
 
@@ -90,5 +90,5 @@ class ArchiveMemberSource:
                 stream.seek(skip)  # zip and compressed tar decompress forward; plain tar seeks
             data = stream.read(take)
         if len(data) != take:
-            raise InvalidArgumentError(f"archive {self.archive!r} changed while uploading")
+            raise ContentChangedError(f"archive {self.archive!r} changed while uploading")
         return data

@@ -9,25 +9,29 @@ while the caller polls the version's state.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Literal, cast
 
-from anylearn_sdk.client.http import raise_for_status
 from anylearn_sdk.content.manifest import Manifest
 from anylearn_sdk.errors import (
     AnylearnError,
     AnylearnTimeoutError,
+    ConflictError,
     InvalidArgumentError,
     NotFoundError,
     ResourceError,
 )
 from anylearn_sdk.progress import UPLOADING, VERIFYING, ProgressCallback
 from anylearn_sdk.protocol import manifest_delta
+from anylearn_sdk.resources.ids import resolve_id
 from anylearn_sdk.resources.upload import UploadRun, plan_units, upload_streams
-from anylearn_sdk.session import SdkContext
-from anylearn_sdk.states import ResourceState
+from anylearn_sdk.session import SdkContext, get_context
+from anylearn_sdk.states import ResourceState, UploadState
+from anylearn_sdk.wire import NewResource, ResourceRecord, UploadRecord
 
 PLURALS = {"dataset": "datasets", "model": "models"}
 #: First readiness poll after an upload ends comes fast; later ones back off to the caller's
@@ -35,8 +39,7 @@ PLURALS = {"dataset": "datasets", "model": "models"}
 FIRST_POLL_SECONDS = 0.05
 
 
-@dataclass(frozen=True)
-class Dataset:
+class Dataset(ResourceRecord):
     """A dataset version.
 
     Attributes:
@@ -46,40 +49,33 @@ class Dataset:
         state: :class:`ResourceState`.
         file_count: files in the manifest.
         total_bytes: bytes in the manifest.
-        uploaded_bytes: bytes this call sent (0 when the content was already there).
+        uploaded_bytes: bytes this call sent (0 when the content was already there, and in
+            listings).
+        project_id, error, created_at: as the server records them.
     """
 
-    id: str
-    name: str
-    checksum: str
-    state: ResourceState
-    file_count: int = 0
-    total_bytes: int = 0
+    kind: Literal["dataset", "model"] = "dataset"
     uploaded_bytes: int = 0
-    kind = "dataset"
-
-    @classmethod
-    def from_json(cls, data: dict, uploaded_bytes: int = 0):
-        return cls(
-            data["id"],
-            data["name"],
-            data["checksum"],
-            ResourceState(data["state"]),
-            data.get("file_count", 0),
-            data.get("total_bytes", 0),
-            uploaded_bytes,
-        )
 
 
-@dataclass(frozen=True)
 class Model(Dataset):
     """A model version (same fields as :class:`Dataset`)."""
 
-    kind = "model"
+    kind: Literal["dataset", "model"] = "model"
 
 
 def class_for(kind: str) -> type[Dataset]:
     return Model if kind == "model" else Dataset
+
+
+def get_version(ctx: SdkContext, kind: str, resource_id: str) -> Dataset:
+    """The version ``resource_id`` of ``kind``.
+
+    Raises:
+        NotFoundError: no such version of yours.
+    """
+    path = f"/{PLURALS[kind]}/{resource_id}"
+    return ctx.api.call("GET", path, class_for(kind), resource_id=resource_id)
 
 
 def get_ready(ctx: SdkContext, kind: str, resource_id: str, arg: str) -> Dataset:
@@ -89,31 +85,102 @@ def get_ready(ctx: SdkContext, kind: str, resource_id: str, arg: str) -> Dataset
         InvalidArgumentError: it does not exist, or is not READY.
     """
     try:
-        data = ctx.api.get_json(f"/{PLURALS[kind]}/{resource_id}", resource_id=resource_id)
+        found = get_version(ctx, kind, resource_id)
     except NotFoundError as err:
         raise InvalidArgumentError(f"{arg} {resource_id!r} not found") from err
-    if data["state"] != ResourceState.READY:
-        raise InvalidArgumentError(f"{arg} {resource_id!r} is {data['state']}, not READY")
-    return class_for(kind).from_json(data)
+    if found.state != ResourceState.READY:
+        raise InvalidArgumentError(f"{arg} {resource_id!r} is {found.state}, not READY")
+    return found
 
 
-def known_resource(ctx: SdkContext, kind: str, checksum: str) -> dict | None:
-    """The server's version with this checksum, asking the local store first."""
+def list_versions(
+    ctx: SdkContext,
+    kind: str,
+    *,
+    name: str | None = None,
+    checksum: str | None = None,
+    id_prefix: str | None = None,
+) -> list[Dataset]:
+    """The user's versions of ``kind`` (DELETED ones left out), oldest first."""
+    params = {"name": name, "checksum": checksum, "id_prefix": id_prefix}
+    params = {k: v for k, v in params.items() if v is not None}
+    return ctx.api.call("GET", f"/{PLURALS[kind]}", list[class_for(kind)], params=params)
+
+
+def list_datasets(
+    *, name: str | None = None, checksum: str | None = None, context: SdkContext | None = None
+) -> list[Dataset]:
+    """Your dataset versions (DELETED ones left out), oldest first; filter by ``name`` or
+    ``checksum`` (sha256 of the manifest)."""
+    return list_versions(context or get_context(), "dataset", name=name, checksum=checksum)
+
+
+def list_models(
+    *, name: str | None = None, checksum: str | None = None, context: SdkContext | None = None
+) -> list[Model]:
+    """Your model versions (DELETED ones left out), oldest first; see :func:`list_datasets`."""
+    found = list_versions(context or get_context(), "model", name=name, checksum=checksum)
+    return cast(list[Model], found)  # class_for("model") parses into Model
+
+
+def resolve_version_id(ctx: SdkContext, kind: str, ref: str) -> str:
+    """The id of your ``kind`` version that ``ref`` names: its id, or a unique prefix of it
+    (with or without the ``dset-``/``model-`` part).
+
+    Raises:
+        NotFoundError: no version matches.
+        InvalidArgumentError: several do.
+    """
+    return resolve_id(
+        kind,
+        ref,
+        lambda prefix: [v.id for v in list_versions(ctx, kind, id_prefix=prefix)],
+    )
+
+
+def _delete(kind: str, ref: str, context: SdkContext | None) -> str:
+    ctx = context or get_context()
+    resource_id = resolve_version_id(ctx, kind, ref)
+    ctx.api.request("DELETE", f"/{PLURALS[kind]}/{resource_id}", resource_id=resource_id)
+    return resource_id
+
+
+def delete_dataset(dataset_id: str, *, context: SdkContext | None = None) -> str:
+    """Delete a dataset version (its id or a unique prefix); returns the full id.
+
+    Files it shares with other versions stay.
+
+    Raises:
+        ConflictError: a queued or running task mounts it.
+        NotFoundError: no such version of yours.
+    """
+    return _delete("dataset", dataset_id, context)
+
+
+def delete_model(model_id: str, *, context: SdkContext | None = None) -> str:
+    """Delete a model version; see :func:`delete_dataset`."""
+    return _delete("model", model_id, context)
+
+
+def known_resource(ctx: SdkContext, kind: str, checksum: str) -> Dataset | None:
+    """The server's version with this checksum, asking the local store first: a READY one,
+    or one still UPLOADING that the local store remembers (a run to take over)."""
     resource_id = ctx.store.remote_resource(ctx.server_id, kind, checksum)
     if resource_id is not None:
         try:
-            data = ctx.api.get_json(f"/{PLURALS[kind]}/{resource_id}", resource_id=resource_id)
+            found: Dataset | None = get_version(ctx, kind, resource_id)
         except NotFoundError:
-            data = None
-        if data is not None and data["state"] in (ResourceState.READY, ResourceState.UPLOADING):
-            return data
+            found = None
+        if found is not None and found.state in (ResourceState.READY, ResourceState.UPLOADING):
+            return found
         ctx.store.forget_resource(ctx.server_id, kind, checksum)  # deleted or failed remotely
-    found = ctx.api.get_json(f"/{PLURALS[kind]}", params={"checksum": checksum})
-    ready = [d for d in found if d["state"] == ResourceState.READY]
+    ready = [
+        v for v in list_versions(ctx, kind, checksum=checksum) if v.state == ResourceState.READY
+    ]
     return ready[0] if ready else None
 
 
-def last_known(ctx: SdkContext, kind: str, key: str) -> tuple[str, dict | None] | None:
+def last_known(ctx: SdkContext, kind: str, key: str) -> tuple[str, Dataset | None] | None:
     """(checksum, :func:`known_resource` of it) for the folder or archive ``key``'s last
     manifest, or None if it has none.
 
@@ -148,6 +215,7 @@ def start_sync(
     pool: ThreadPoolExecutor,
     progress: ProgressCallback,
     guess: Future | None = None,
+    interrupt: threading.Event | None = None,
 ) -> PendingUpload:
     """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``.
 
@@ -155,8 +223,9 @@ def start_sync(
         project_id: the project a new version is filed under, or a callable giving it (asked
             only if a new version must be registered, so an unchanged resubmit skips it).
         guess: a future of :func:`last_known`, used if it answered for this checksum.
+        interrupt: set it to stop the upload's threads within a fraction of a second (the
+            journal keeps what was sent, so a rerun resumes).
     """
-    cls = class_for(kind)
     try:
         guessed = guess.result() if guess is not None else None
     except AnylearnError:
@@ -165,75 +234,94 @@ def start_sync(
         known = guessed[1]
     else:
         known = known_resource(ctx, kind, manifest.checksum)
-    if known is not None and known["state"] == ResourceState.READY:
-        ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known["id"], name)
+    if known is not None and known.state == ResourceState.READY:
+        ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known.id, name)
         progress.message(
             f"{kind} {name!r}: {manifest.file_count} files, {manifest.total_bytes} bytes, "
-            f"already on the server as {known['id']}; uploaded 0 bytes"
+            f"already on the server as {known.id}; uploaded 0 bytes"
         )
-        return PendingUpload(cls.from_json(known), None)
-    data = _register(
+        return PendingUpload(known, None)
+    version = _register(
         ctx, kind, manifest, name, project_id() if callable(project_id) else project_id
     )
-    ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, data["id"], name)
-    missing = data.get("missing", [])
+    ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, version.id, name)
+    missing = version.missing or []
+    version = version.model_copy(update={"missing": None})
     if not missing:
         progress.message(
-            f"{kind} {name!r}: every file already on the server ({data['id']}); uploaded 0 bytes"
+            f"{kind} {name!r}: every file already on the server ({version.id}); uploaded 0 bytes"
         )
-        return PendingUpload(cls.from_json(data), None)
+        return PendingUpload(version, None)
     sizes = {e.sha256: e.size for e in manifest.entries}
     streams = upload_streams()
-    units = plan_units(data["id"], missing, sizes, manifest.sources, streams)
+    units = plan_units(version.id, missing, sizes, manifest.sources, streams)
     total = sum(u.body.length for u in units)
     progress.message(
         f"{kind} {name!r}: uploading {len(missing)} of {manifest.file_count} files "
-        f"({total} bytes in {len(units)} uploads) as {data['id']}"
+        f"({total} bytes in {len(units)} uploads) as {version.id}"
     )
     phase = f"{UPLOADING} {name}"
+    stop = interrupt or threading.Event()
 
     def upload() -> int:
         progress.phase_start(phase, total)
         try:
             run = UploadRun(
-                ctx, data["id"], units, lambda n: progress.advance(phase, n), streams=streams
+                ctx,
+                version.id,
+                units,
+                lambda n: progress.advance(phase, n),
+                streams=streams,
+                interrupt=stop,
             )
             return run.run()
         finally:
             progress.phase_end(phase)
 
-    return PendingUpload(cls.from_json(data), pool.submit(upload), total)
+    return PendingUpload(version, pool.submit(upload), total)
 
 
-def _register(ctx: SdkContext, kind: str, manifest: Manifest, name: str, project_id: str):
+def _register(
+    ctx: SdkContext, kind: str, manifest: Manifest, name: str, project_id: str
+) -> Dataset:
     """Register the version: as a delta against the folder's previous version when the server
-    has it (a few entries instead of one per file), else with the whole manifest."""
-    body = {"name": name, "checksum": manifest.checksum, "project_id": project_id}
+    has it (a few entries instead of one per file), else with the whole manifest.
+
+    The body is built with ``model_construct``: its entries come from our own manifest walk,
+    and validating 20,000 of them again would cost more than sending them.
+    """
+    path, answer = f"/{PLURALS[kind]}", class_for(kind)
+    common = {"name": name, "checksum": manifest.checksum, "project_id": project_id}
     if manifest.base is not None:
         base_checksum, base_entries = manifest.base
         changes, removed = manifest_delta(base_entries(), manifest.entries)
-        response = ctx.api.request(
-            "POST",
-            f"/{PLURALS[kind]}",
-            json={
-                **body,
-                "base_checksum": base_checksum,
-                "changes": [e.to_json() for e in changes],
-                "removed": removed,
-            },
-            check=False,
+        delta = NewResource.model_construct(
+            **common,
+            base_checksum=base_checksum,
+            changes=[e.to_json() for e in changes],
+            removed=removed,
+            manifest=None,
         )
-        if response.status_code != 409:
-            raise_for_status(response)
-            return response.json()
-    body["manifest"] = [e.to_json() for e in manifest.entries]
-    return ctx.api.post_json(f"/{PLURALS[kind]}", body)
+        try:
+            return ctx.api.call("POST", path, answer, delta)
+        except ConflictError:
+            pass  # the server lost the base version: send the whole manifest
+    whole = NewResource.model_construct(
+        **common,
+        manifest=[e.to_json() for e in manifest.entries],
+        base_checksum=None,
+        changes=[],
+        removed=[],
+    )
+    return ctx.api.call("POST", path, answer, whole)
 
 
 def _stored_bytes(ctx: SdkContext, resource_id: str) -> int:
     """Bytes of this version's uploads the server has verified and stored."""
-    uploads = ctx.api.get_json("/uploads", params={"resource_id": resource_id})
-    return sum(u["length"] for u in uploads if u["state"] == "STORED" and u["concat"] != "partial")
+    uploads = ctx.api.call(
+        "GET", "/uploads", list[UploadRecord], params={"resource_id": resource_id}
+    )
+    return sum(u.length for u in uploads if u.state == UploadState.STORED and u.concat != "partial")
 
 
 def await_ready(
@@ -254,7 +342,6 @@ def await_ready(
     res = pending.resource
     if pending.future is None and res.state == ResourceState.READY:
         return res  # known READY a moment ago; nothing was sent
-    plural = PLURALS[res.kind]
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL_SECONDS
     uploaded = 0
@@ -271,8 +358,8 @@ def await_ready(
                 if verifying is None:
                     verifying = f"{VERIFYING} {res.name}"
                     progress.phase_start(verifying, pending.upload_bytes)
-            data = ctx.api.get_json(f"/{plural}/{res.id}", resource_id=res.id)
-            state = ResourceState(data["state"])
+            current = get_version(ctx, res.kind, res.id)
+            state = current.state
             if verifying is not None:
                 stored = (
                     pending.upload_bytes
@@ -287,11 +374,11 @@ def await_ready(
                     progress.message(
                         f"{res.kind} {res.name!r}: {res.id} READY, uploaded {uploaded} bytes"
                     )
-                return replace(class_for(res.kind).from_json(data), uploaded_bytes=uploaded)
+                return current.model_copy(update={"uploaded_bytes": uploaded})
             if state in (ResourceState.ERROR, ResourceState.DELETED):
                 ctx.store.drop_upload_units(ctx.server_id, res.id)
                 ctx.store.forget_resource(ctx.server_id, res.kind, res.checksum)
-                raise ResourceError(f"{res.kind} {res.id} is {state.value}: {data.get('error')}")
+                raise ResourceError(f"{res.kind} {res.id} is {state.value}: {current.error}")
             if time.monotonic() >= deadline:
                 raise AnylearnTimeoutError(
                     f"{res.kind} {res.id} not READY after {timeout} s (state {state.value})"

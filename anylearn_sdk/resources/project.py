@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from anylearn_sdk.client.http import make_body
 from anylearn_sdk.errors import InvalidArgumentError, NotFoundError
 from anylearn_sdk.session import SdkContext
+from anylearn_sdk.wire import NewProject, ProjectRecord
 
 
-@dataclass(frozen=True)
-class Project:
-    id: str
-    name: str
-    is_default: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict) -> Project:
-        return cls(data["id"], data["name"], data.get("is_default", False))
+class Project(ProjectRecord):
+    """A project: ``id``, ``name``, ``is_default``, ``created_at``."""
 
 
 def find_project(
@@ -29,21 +22,23 @@ def find_project(
         project still to be created by :func:`ensure_project`.
 
     Raises:
-        InvalidArgumentError: ``project_id`` does not exist.
+        InvalidArgumentError: ``project_id`` does not exist, or ``project_name`` is not a
+            valid name.
     """
     if project_id is not None:
         try:
-            return Project.from_json(ctx.api.get_json(f"/projects/{project_id}")), None
+            return ctx.api.call("GET", f"/projects/{project_id}", Project), None
         except NotFoundError as err:
             raise InvalidArgumentError(f"project_id {project_id!r} not found") from err
     if project_name is not None:
-        found = ctx.api.get_json("/projects", params={"name": project_name})
-        return (Project.from_json(found[0]), None) if found else (None, project_name)
-    default = [p for p in ctx.api.get_json("/projects") if p["is_default"]]
-    return Project.from_json(default[0]), None
+        make_body(NewProject, name=project_name)  # a bad name fails now, before any upload
+        found = ctx.api.call("GET", "/projects", list[Project], params={"name": project_name})
+        return (found[0], None) if found else (None, project_name)
+    default = [p for p in ctx.api.call("GET", "/projects", list[Project]) if p.is_default]
+    return default[0], None
 
 
 def ensure_project(ctx: SdkContext, found: Project | None, name: str | None) -> Project:
     if found is not None:
         return found
-    return Project.from_json(ctx.api.post_json("/projects", {"name": name}))
+    return ctx.api.call("POST", "/projects", Project, make_body(NewProject, name=name))

@@ -1,21 +1,24 @@
-"""Quota groups and mirrors, resolved by name."""
+"""Quota groups and mirrors: listed to every user, resolved by name, managed by admins."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from anylearn_sdk.client.http import make_body
 from anylearn_sdk.errors import InvalidArgumentError
-from anylearn_sdk.session import SdkContext
+from anylearn_sdk.session import SdkContext, get_context
+from anylearn_sdk.wire import (
+    RESOURCE_KEYS,
+    Amounts,
+    MirrorRecord,
+    NewMirror,
+    NewQuotaGroup,
+    QuotaGroupRecord,
+    QuotaGroupUpdate,
+)
 
 
-@dataclass(frozen=True)
-class QuotaGroup:
-    """A capacity pool. ``capacity``/``default_request``: cpu (cores), memory_mb (MiB), gpu."""
-
-    id: str
-    name: str
-    capacity: dict
-    default_request: dict
+class QuotaGroup(QuotaGroupRecord):
+    """A capacity pool (``capacity`` and ``default_request`` in cores, MiB and GPUs), and what
+    its tasks hold now (``allocated``, ``running``, ``queued``)."""
 
     def check_fits(self, request: dict | None) -> dict:
         """The request a task gets (``request``, or the group's default), if the group could
@@ -25,31 +28,38 @@ class QuotaGroup:
             InvalidArgumentError: a resource is asked for beyond the group's whole capacity,
                 so the task would wait forever (the server refuses it the same way).
         """
-        wanted = dict(self.default_request if request is None else request)
-        over = [k for k, v in wanted.items() if v > self.capacity.get(k, 0)]
+        wanted = dict(self.default_request.model_dump() if request is None else request)
+        capacity = self.capacity.model_dump()
+        over = [k for k, v in wanted.items() if v > capacity.get(k, 0)]
         if over:
-            shown = ", ".join(f"{k}={wanted[k]} > {self.capacity.get(k, 0)}" for k in over)
+            shown = ", ".join(f"{k}={wanted[k]:g} > {capacity.get(k, 0):g}" for k in over)
             raise InvalidArgumentError(
                 f"quota_group_request exceeds quota group {self.name!r} capacity ({shown})"
             )
         return wanted
 
 
-@dataclass(frozen=True)
-class Mirror:
+class Mirror(MirrorRecord):
     """A runtime environment: the Python interpreter tasks run with."""
 
-    id: str
-    name: str
-    python: str
+
+def list_quota_groups(*, context: SdkContext | None = None) -> list[QuotaGroup]:
+    """Every quota group, oldest first, with its capacity and what its tasks hold now."""
+    ctx = context or get_context()
+    return ctx.api.call("GET", "/quota-groups", list[QuotaGroup])
 
 
-def _by_name(ctx: SdkContext, path: str, what: str, arg: str, name: str) -> dict:
-    rows = ctx.api.get_json(path)
+def list_mirrors(*, context: SdkContext | None = None) -> list[Mirror]:
+    """Every mirror (name and the interpreter on the server), oldest first."""
+    ctx = context or get_context()
+    return ctx.api.call("GET", "/mirrors", list[Mirror])
+
+
+def _by_name(rows: list, what: str, arg: str, name: str):
     for row in rows:
-        if row["name"] == name:
+        if row.name == name:
             return row
-    available = ", ".join(sorted(r["name"] for r in rows)) or "none"
+    available = ", ".join(sorted(r.name for r in rows)) or "none"
     raise InvalidArgumentError(f"unknown {what} {arg}={name!r}; available: {available}")
 
 
@@ -59,8 +69,7 @@ def resolve_quota_group(ctx: SdkContext, name: str) -> QuotaGroup:
     Raises:
         InvalidArgumentError: no such group; the message lists the available ones.
     """
-    row = _by_name(ctx, "/quota-groups", "quota group", "quota_group_name", name)
-    return QuotaGroup(row["id"], row["name"], row["capacity"], row["default_request"])
+    return _by_name(list_quota_groups(context=ctx), "quota group", "quota_group_name", name)
 
 
 def resolve_mirror(ctx: SdkContext, name: str) -> Mirror:
@@ -69,5 +78,104 @@ def resolve_mirror(ctx: SdkContext, name: str) -> Mirror:
     Raises:
         InvalidArgumentError: no such mirror; the message lists the available ones.
     """
-    row = _by_name(ctx, "/mirrors", "mirror", "mirror_name", name)
-    return Mirror(row["id"], row["name"], row["python"])
+    return _by_name(list_mirrors(context=ctx), "mirror", "mirror_name", name)
+
+
+def check_amounts(arg: str, values: dict | None) -> Amounts | None:
+    """``values`` (``{"cpu", "memory_mb", "gpu"}``, missing keys 0) as :class:`Amounts`.
+
+    Raises:
+        InvalidArgumentError: an unknown key, a negative amount, a fractional GPU or MiB.
+    """
+    if values is None:
+        return None
+    unknown = sorted(set(values) - set(RESOURCE_KEYS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"{arg} has unknown keys {unknown}; allowed: {list(RESOURCE_KEYS)}"
+        )
+    for key, value in values.items():
+        whole = key != "cpu"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value < 0
+            or (whole and value != int(value))
+        ):
+            kind = "a whole number >= 0" if whole else "a number >= 0"
+            raise InvalidArgumentError(f"{arg}[{key!r}] = {value!r} must be {kind}")
+    return Amounts(**values)
+
+
+def add_quota_group(
+    name: str,
+    capacity: dict,
+    default_request: dict | None = None,
+    *,
+    context: SdkContext | None = None,
+) -> QuotaGroup:
+    """Add a quota group (admin only).
+
+    Args:
+        name: letters, digits, ``.``, ``_``, ``-``.
+        capacity: ``{"cpu": cores, "memory_mb": MiB, "gpu": count}``; missing keys are 0.
+        default_request: what a task that asks for nothing gets (default: one core).
+
+    Raises:
+        InvalidArgumentError: an unknown key or a negative amount.
+        ConflictError: a group of that name exists.
+        PermissionDeniedError: the caller is not an admin.
+    """
+    body = make_body(
+        NewQuotaGroup,
+        name=name,
+        capacity=check_amounts("capacity", capacity),
+        default_request=check_amounts("default_request", default_request) or Amounts(cpu=1),
+    )
+    ctx = context or get_context()
+    return ctx.api.call("POST", "/quota-groups", QuotaGroup, body)
+
+
+def set_quota_group(
+    name: str,
+    *,
+    capacity: dict | None = None,
+    default_request: dict | None = None,
+    context: SdkContext | None = None,
+) -> QuotaGroup:
+    """Change a quota group's capacity or default request (admin only); what is not given
+    stays. Running tasks keep what they hold.
+
+    Raises:
+        InvalidArgumentError: an unknown key or a negative amount.
+        NotFoundError: no such group.
+    """
+    body = QuotaGroupUpdate(
+        capacity=check_amounts("capacity", capacity),
+        default_request=check_amounts("default_request", default_request),
+    )
+    ctx = context or get_context()
+    return ctx.api.call("PATCH", f"/quota-groups/{name}", QuotaGroup, body, resource_id=name)
+
+
+def remove_quota_group(name: str, *, context: SdkContext | None = None) -> None:
+    """Remove a quota group (admin only).
+
+    Raises:
+        ConflictError: tasks are queued or running in it, or it is the default group.
+        NotFoundError: no such group.
+    """
+    ctx = context or get_context()
+    ctx.api.request("DELETE", f"/quota-groups/{name}", resource_id=name)
+
+
+def add_mirror(name: str, python: str, *, context: SdkContext | None = None) -> Mirror:
+    """Add a mirror naming an interpreter on the server machine (admin only).
+
+    Raises:
+        BadRequestError: ``python`` is not an absolute path to an interpreter that runs.
+        ConflictError: a mirror of that name exists.
+    """
+    ctx = context or get_context()
+    body = make_body(NewMirror, name=name, python=python)
+    return ctx.api.call("POST", "/mirrors", Mirror, body)

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from anylearn_sdk.client.tus import Body, TusClient
+from anylearn_sdk.client.tus import Body, TusClient, UploadStopped
+from anylearn_sdk.config import STREAMS_VAR, env_positive_int
 from anylearn_sdk.content.pack import PackMember, PackReader
 from anylearn_sdk.content.sources import Source, close_archives
-from anylearn_sdk.errors import InvalidArgumentError
+from anylearn_sdk.interrupts import sigint_ignored
 from anylearn_sdk.session import SdkContext
 
 #: Files at least this large travel alone rather than packed.
@@ -50,14 +52,9 @@ def upload_streams() -> int:
     """Parallel upload streams: ``ANYLEARN_UPLOAD_STREAMS``, else :func:`default_streams`.
 
     Raises:
-        InvalidArgumentError: the variable is set to something other than a positive integer.
+        ConfigurationError: the variable is set to something other than a positive integer.
     """
-    raw = os.environ.get("ANYLEARN_UPLOAD_STREAMS", "")
-    if not raw:
-        return default_streams()
-    if not raw.isdigit() or int(raw) < 1:
-        raise InvalidArgumentError(f"ANYLEARN_UPLOAD_STREAMS={raw!r}; use a positive integer")
-    return int(raw)
+    return env_positive_int(STREAMS_VAR) or default_streams()
 
 
 @dataclass(frozen=True)
@@ -174,6 +171,8 @@ class UploadRun:
     units: list[Unit]
     on_bytes: Callable[[int], None]
     streams: int = field(default_factory=upload_streams)
+    #: Set to stop every stream within one chunk read (the journal keeps what was sent).
+    interrupt: threading.Event = field(default_factory=threading.Event)
     _journal: dict[str, str] = field(default_factory=dict)
     _parts: dict[str, dict[int, str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -184,6 +183,7 @@ class UploadRun:
 
         Raises:
             AnylearnError: a unit failed (the first failure; units not started are cancelled).
+            UploadStopped: :attr:`interrupt` was set.
         """
         self._journal = self.ctx.store.upload_units(self.ctx.server_id, self.resource_id)
         workers = max(1, min(self.streams, len(self.units)))
@@ -208,7 +208,9 @@ class UploadRun:
         return url, offset
 
     def _send(self, unit: Unit) -> None:
-        tus = TusClient(self.ctx.api)
+        if self.interrupt.is_set():
+            raise UploadStopped("upload stopped")
+        tus = TusClient(self.ctx.api, stop=self.interrupt)
         try:
             url, offset = self._url_for(tus, unit)
             sent = tus.upload_from(url, offset, unit.body, self.on_bytes)
@@ -232,3 +234,24 @@ class UploadRun:
         meta = {"kind": "object", "sha256": sha256, "resource_id": self.resource_id}
         url = tus.concatenate(urls, meta)
         self.ctx.store.save_upload_unit(self.ctx.server_id, self.resource_id, key, url, 0)
+
+
+@contextmanager
+def upload_pool(workers: int = 2) -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
+    """A pool for uploads and the event that stops them.
+
+    On ``KeyboardInterrupt`` (or any error) in the block, the event is set, so every upload
+    thread ends within one chunk read (well under a second), queued work is dropped, and the
+    threads are joined before the exception goes on; the journal keeps every unit, so a rerun
+    resumes. Without this, leaving the pool would wait for the whole upload to finish.
+    """
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-upload")
+    try:
+        yield pool, stop
+    except BaseException:
+        stop.set()
+        with sigint_ignored():
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

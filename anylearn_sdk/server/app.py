@@ -17,8 +17,10 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from anylearn_sdk import __version__
+from anylearn_sdk._version import __version__
+from anylearn_sdk.datadir import DATABASE_FILE, SERVER_ID_FILE
 from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
+from anylearn_sdk.server.api.runtime import DEFAULT_QUOTA_GROUP
 from anylearn_sdk.server.context import (
     DEFAULT_UPLOAD_EXPIRY,
     ApiError,
@@ -31,11 +33,10 @@ from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
 from anylearn_sdk.states import ErrorCode
+from anylearn_sdk.wire import API_PREFIX, TUS_VERSION, Health
 
 log = logging.getLogger(__name__)
-API_PREFIX = "/api/v1"
 QUICKSTART_MIRROR = "QUICKSTART"
-DEFAULT_QUOTA_GROUP = "default"
 #: How often expired uploads are swept, seconds.
 UPLOAD_SWEEP_SECONDS = 600.0
 _STATUS_CODES = {
@@ -51,7 +52,9 @@ _STATUS_CODES = {
 def _error(status: int, code: ErrorCode | str, message: str, request: Request) -> JSONResponse:
     headers = {}
     if request.url.path.startswith(f"{API_PREFIX}/uploads"):
-        headers["Tus-Resumable"] = uploads.TUS_VERSION
+        headers["Tus-Resumable"] = TUS_VERSION
+        if status == 412:  # tus 1.0 §Core "Tus-Resumable": the versions the server speaks
+            headers["Tus-Version"] = TUS_VERSION
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="anylearn"'
     return JSONResponse(
@@ -99,7 +102,7 @@ def build_context(
     gpus: int | None = None,
 ) -> ServerContext:
     paths = ServerPaths(data_dir)
-    engine = make_engine(database_url or f"sqlite:///{data_dir / 'anylearn-server.db'}")
+    engine = make_engine(database_url or f"sqlite:///{data_dir / DATABASE_FILE}")
     sessions = make_sessionmaker(engine)
     objects = ObjectStore(paths.objects)
     scheduler = Scheduler(
@@ -113,7 +116,7 @@ def build_context(
         max_restarts=max_restarts,
         gpus=detect_gpus() if gpus is None else gpus,
     )
-    id_file = paths.root / "server-id"
+    id_file = paths.root / SERVER_ID_FILE
     if not id_file.exists():
         id_file.write_text(uuid.uuid4().hex)
     ctx = ServerContext(
@@ -166,9 +169,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     api = APIRouter(prefix=API_PREFIX)
 
-    @api.get("/health", tags=["health"])
-    async def health() -> dict:
-        return {"status": "ok", "version": __version__, "server_id": ctx.server_id}
+    @api.get("/health", tags=["health"], response_model=Health)
+    async def health() -> Health:
+        return Health(version=__version__, server_id=ctx.server_id)
 
     for module_router in (
         accounts.router,

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from anylearn_sdk.server.db import Token, User
+from anylearn_sdk.server.db import Token, User, as_utc, utcnow
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.states import ErrorCode
 
@@ -89,6 +89,10 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, ErrorCode.BAD_REQUEST, message)
 
 
+def conflict(message: str) -> ApiError:
+    return ApiError(409, ErrorCode.CONFLICT, message)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -115,6 +119,8 @@ async def current_user(request: Request, session: Annotated[Session, Depends(get
     row = session.scalar(select(Token).where(Token.token_sha256 == hash_token(token.strip())))
     if row is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked token")
+    if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, f"token {row.id} expired; create a new one")
     user = session.get(User, row.user_id)
     if user is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked token")

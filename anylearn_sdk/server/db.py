@@ -60,13 +60,16 @@ class User(Base):
 
 
 class Token(Base):
-    """An API token; only its sha256 is stored, so a leaked database leaks no token."""
+    """An API token; only its sha256 is stored, so a leaked database leaks no token. A token
+    past ``expires_at`` is refused (None: it never expires)."""
 
     __tablename__ = "tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(100), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Project(Base):
@@ -164,13 +167,18 @@ class Mirror(Base):
 
 
 class QuotaGroup(Base):
-    """A capacity pool. ``capacity`` and ``default_request`` map cpu/memory_mb/gpu to amounts."""
+    """A capacity pool. ``capacity`` and ``default_request`` map cpu/memory_mb/gpu to amounts.
+
+    A removed group keeps its row (``deleted``), so the records of the tasks that ran in it
+    still name it; adding a group of that name again brings the row back.
+    """
 
     __tablename__ = "quota_groups"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("qg"))
     name: Mapped[str] = mapped_column(String(100), unique=True)
     capacity: Mapped[dict[str, Any]] = mapped_column(JSON)
     default_request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -236,12 +244,17 @@ def make_engine(url: str) -> Engine:
 
 #: ``PRAGMA user_version`` of the current schema. 2: uploads gained concatenation, states and
 #: expiry (uploads are transient, so older upload rows are dropped rather than converted).
-#: 3: tasks gained ``attempt``.
-SCHEMA_VERSION = 4
-#: Columns added to ``train_tasks`` after its first release, with their SQLite definitions.
-_ADDED_TASK_COLUMNS = {
-    "attempt": "INTEGER NOT NULL DEFAULT 1",
-    "runtime": "JSON NOT NULL DEFAULT '{}'",
+#: 3: tasks gained ``attempt``. 4: tasks gained ``runtime``. 5: tokens gained ``name`` and
+#: ``expires_at``, quota groups ``deleted``.
+SCHEMA_VERSION = 5
+#: Columns added to tables after their first release, with their SQLite definitions.
+_ADDED_COLUMNS = {
+    "train_tasks": {
+        "attempt": "INTEGER NOT NULL DEFAULT 1",
+        "runtime": "JSON NOT NULL DEFAULT '{}'",
+    },
+    "tokens": {"name": "VARCHAR(100) NOT NULL DEFAULT ''", "expires_at": "DATETIME"},
+    "quota_groups": {"deleted": "BOOLEAN NOT NULL DEFAULT 0"},
 }
 
 
@@ -252,10 +265,11 @@ def _migrate(engine: Engine) -> None:
         version = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
         if version < 2:
             conn.exec_driver_sql("DROP TABLE IF EXISTS uploads")
-        columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(train_tasks)")}
-        for name, definition in _ADDED_TASK_COLUMNS.items():
-            if columns and name not in columns:
-                conn.exec_driver_sql(f"ALTER TABLE train_tasks ADD COLUMN {name} {definition}")
+        for table, added in _ADDED_COLUMNS.items():
+            columns = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+            for name, definition in added.items():
+                if columns and name not in columns:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
         if version < SCHEMA_VERSION:
             conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

@@ -1,33 +1,52 @@
-"""Run the backend: bind, bootstrap the admin user, publish the address, serve.
+"""Run the backend: check, lock, bind, bootstrap the admin user, publish the address, serve.
 
-``python -m anylearn_sdk.server --data-dir DIR [--host 127.0.0.1] [--port 0]``. Port 0 picks a
-free port. Once listening, the server writes ``DIR/server.json`` (``{"url", "pid"}``, mode
-0600); on the first start it also writes ``DIR/admin-credentials.json`` (``{"username",
-"password", "token"}``, mode 0600) for local use.
+``python -m anylearn_sdk.server --data-dir DIR [--host 127.0.0.1] [--port 0]``. Nothing is
+created before the inputs are checked: an existing data folder is locked first (a second server
+on it is refused, naming the first one's pid and address), then the port is bound (a busy port
+is refused), and only then is the data folder created and filled. Port 0 reuses the port the
+last server of this data folder listened on when it is free (so clients that follow a task find
+the local backend where it was), else picks a free one. Once listening, the server writes
+``DIR/server.json`` (``{"url", "pid"}``, mode 0600); on the first start it also writes
+``DIR/admin-credentials.json`` (``{"username", "password", "token"}``, mode 0600).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import logging
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
 from sqlalchemy import select
 
+from anylearn_sdk.datadir import (
+    ADDRESS_FILE,
+    ADMIN_CREDENTIALS_FILE,
+    AlreadyRunningError,
+    ServerLock,
+    read_address,
+)
 from anylearn_sdk.fileutil import write_private_json
-from anylearn_sdk.local_backend import ADDRESS_FILE, ADMIN_CREDENTIALS_FILE
 from anylearn_sdk.server.api.accounts import create_user, issue_token
 from anylearn_sdk.server.app import build_context, create_app
 from anylearn_sdk.server.context import DEFAULT_UPLOAD_EXPIRY, ServerContext
 from anylearn_sdk.server.db import User
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS
 
+log = logging.getLogger(__name__)
 ADMIN_USERNAME = "admin"
+#: Exit status of ``python -m anylearn_sdk.server`` when it cannot start (one line on stderr).
+EXIT_CANNOT_START = 1
+
+
+class StartupError(RuntimeError):
+    """The server cannot start: a busy port, an address it cannot listen on, a bad folder."""
 
 
 def bootstrap_admin(ctx: ServerContext, data_dir: Path) -> None:
@@ -37,12 +56,67 @@ def bootstrap_admin(ctx: ServerContext, data_dir: Path) -> None:
             return
         password = secrets.token_urlsafe(18)
         user = create_user(session, ADMIN_USERNAME, password, is_admin=True)
-        token = issue_token(session, user)
+        token, _ = issue_token(session, user, ADMIN_USERNAME)
         write_private_json(
             data_dir / ADMIN_CREDENTIALS_FILE,
             {"username": ADMIN_USERNAME, "password": password, "token": token},
         )
         session.commit()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``.
+
+    Accepted connections inherit ``TCP_NODELAY`` from the listening socket (Linux), so the
+    small responses to chunked uploads are never held back by Nagle's algorithm.
+
+    Raises:
+        OSError: the address cannot be bound (``errno.EADDRINUSE`` for a busy port).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _last_port(data_dir: Path, host: str) -> int | None:
+    """The port the last server of ``data_dir`` listened on, if it listened on ``host``."""
+    address = read_address(data_dir) if data_dir.is_dir() else None
+    if address is None:
+        return None
+    parts = urlsplit(address.url)
+    return parts.port if parts.hostname == host.strip("[]") else None
+
+
+def bind(host: str, port: int, data_dir: Path) -> socket.socket:
+    """Listen on ``host:port``; port 0 first tries the data folder's last port.
+
+    Raises:
+        StartupError: the port is busy, or the address cannot be listened on.
+    """
+    if port == 0:
+        last = _last_port(data_dir, host)
+        if last:
+            try:
+                return _listen(host, last)
+            except OSError:
+                pass  # taken by now: any free port will do
+    try:
+        return _listen(host, port)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"port {port} on {host} is in use; choose another --port, or 0 for a free one"
+            ) from err
+        raise StartupError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
 
 
 def serve(
@@ -53,45 +127,60 @@ def serve(
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     gpus: int | None = None,
 ) -> None:
-    """Bind ``host:port`` (0 = any free port), then serve until SIGINT/SIGTERM.
+    """Check, lock, bind, then serve until SIGINT/SIGTERM (see the module docstring).
 
     ``gpus`` is the number of GPU devices tasks may be given (None: as many as ``nvidia-smi
     -L`` lists).
 
-    Accepted connections inherit ``TCP_NODELAY`` from the listening socket (Linux), so the
-    small responses to chunked uploads are never held back by Nagle's algorithm.
+    Raises:
+        AlreadyRunningError: another server holds the data folder.
+        StartupError: the port is busy, the address or the data folder cannot be used.
     """
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir = data_dir.expanduser().resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StartupError(f"--data-dir {data_dir} exists and is not a folder")
+    lock = ServerLock(data_dir)
+    if data_dir.is_dir():
+        lock.acquire()  # before anything else, so a second server changes nothing
+    try:
+        sock = bind(host, port, data_dir)
+        try:
+            if not lock.held:
+                try:
+                    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                except OSError as err:
+                    raise StartupError(f"cannot create --data-dir {data_dir}: {err}") from err
+                lock.acquire()
+            _run(sock, data_dir, upload_expiry, max_restarts, gpus)
+        finally:
+            sock.close()
+    finally:
+        lock.release()
+
+
+def _run(
+    sock: socket.socket,
+    data_dir: Path,
+    upload_expiry: float,
+    max_restarts: int,
+    gpus: int | None,
+) -> None:
     ctx = build_context(data_dir, upload_expiry=upload_expiry, max_restarts=max_restarts, gpus=gpus)
     bootstrap_admin(ctx, data_dir)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    bound_port = sock.getsockname()[1]
-    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
+    host, bound_port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if sock.family == socket.AF_INET6 else host
     url = f"http://{shown_host}:{bound_port}"
-    address_file = data_dir / ADDRESS_FILE
-    write_private_json(address_file, {"url": url, "pid": os.getpid()})
+    write_private_json(data_dir / ADDRESS_FILE, {"url": url, "pid": os.getpid()})
+    log.info("anylearn backend listening at %s (data %s, pid %d)", url, data_dir, os.getpid())
     config = uvicorn.Config(
         create_app(ctx), log_level="warning", access_log=False, timeout_graceful_shutdown=5
     )
-    server = uvicorn.Server(config)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        try:
-            if json.loads(address_file.read_text()).get("pid") == os.getpid():
-                address_file.unlink()
-        except (OSError, ValueError):
-            pass
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m anylearn_sdk.server``: parse, then :func:`serve`. A server that cannot start
+    prints one line on stderr and exits with :data:`EXIT_CANNOT_START`."""
     parser = argparse.ArgumentParser(prog="python -m anylearn_sdk.server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -120,5 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     for option in ("max_restarts", "gpus"):
         if (getattr(args, option) or 0) < 0:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: use 0 or more")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: use 0..65535")
+    if args.upload_expiry <= 0:
+        parser.error(f"--upload-expiry {args.upload_expiry}: use a positive number of seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(args.host, args.port, args.data_dir, args.upload_expiry, args.max_restarts, args.gpus)
+    try:
+        serve(args.host, args.port, args.data_dir, args.upload_expiry, args.max_restarts, args.gpus)
+    except (AlreadyRunningError, StartupError) as err:
+        sys.stderr.write(f"Error: {err}\n")
+        raise SystemExit(EXIT_CANNOT_START) from None

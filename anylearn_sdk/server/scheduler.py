@@ -36,14 +36,15 @@ from anylearn_sdk.server.environments import (
 )
 from anylearn_sdk.server.executors.base import Executor, RunSpec
 from anylearn_sdk.server.executors.local import LOST, kill_stale, write_python_shim
+from anylearn_sdk.server.failures import failure_reason
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.states import ResourceState, TaskState
+from anylearn_sdk.wire import RESOURCE_KEYS
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
 #: Variables of the server's environment that a task inherits; nothing else leaks (no tokens).
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER")
-RESOURCE_KEYS = ("cpu", "memory_mb", "gpu")
 #: Times a task whose processes were lost is run again before it fails.
 DEFAULT_MAX_RESTARTS = 2
 
@@ -235,11 +236,11 @@ class Scheduler:
                 self._admission_due = True
                 if code == LOST:
                     self._lost(session, task)
+                elif code == 0:
+                    self._finish(session, task, TaskState.SUCCEEDED, 0, None)
                 else:
-                    state = TaskState.SUCCEEDED if code == 0 else TaskState.FAILED
-                    self._finish(
-                        session, task, state, code, None if code == 0 else f"exit code {code}"
-                    )
+                    reason = failure_reason(TaskPaths(self.tasks_root, task).log, code)
+                    self._finish(session, task, TaskState.FAILED, code, reason)
             session.commit()
             if not (self._admission_due or self._pending):
                 return

@@ -1,60 +1,86 @@
-"""Users, tokens and projects: ``/auth/login``, ``/users``, ``/projects``."""
+"""Users, tokens and projects: ``/auth/login``, ``/users``, ``/tokens``, ``/projects``."""
 
 from __future__ import annotations
 
 import secrets
+import shutil
+from datetime import timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
-from fastapi import APIRouter
-from pydantic import BaseModel, Field
-from sqlalchemy import select
+from fastapi import APIRouter, Response
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from anylearn_sdk.server.context import DB, AdminUser, ApiError, CurrentUser, hash_token, not_found
-from anylearn_sdk.server.db import Project, Token, User, iso
-from anylearn_sdk.states import ErrorCode
+from anylearn_sdk.server.context import (
+    DB,
+    AdminUser,
+    ApiError,
+    Ctx,
+    CurrentUser,
+    bad_request,
+    conflict,
+    hash_token,
+    not_found,
+)
+from anylearn_sdk.server.db import (
+    Algorithm,
+    ObjectRef,
+    Project,
+    Resource,
+    Token,
+    TrainTask,
+    Upload,
+    User,
+    utcnow,
+)
+from anylearn_sdk.states import TERMINAL_TASK_STATES, ErrorCode
+from anylearn_sdk.wire import (
+    LoginBody,
+    LoginResult,
+    NewProject,
+    NewToken,
+    NewTokenResult,
+    NewUser,
+    ProjectRecord,
+    TokenRecord,
+    UserRecord,
+)
 
 router = APIRouter()
 _hasher = PasswordHasher()
 #: Hash verified against when the username does not exist, so timing does not reveal users.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 DEFAULT_PROJECT_NAME = "default"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+#: Name of the tokens ``/auth/login`` hands out.
+LOGIN_TOKEN_NAME = "login"  # noqa: S105 - a label, not a secret
 
 
-class LoginBody(BaseModel):
-    username: str
-    password: str
+def user_record(user: User) -> UserRecord:
+    return UserRecord(
+        id=user.id, username=user.username, is_admin=user.is_admin, created_at=user.created_at
+    )
 
 
-class NewUser(BaseModel):
-    username: str = Field(pattern=NAME_PATTERN)
-    password: str = Field(min_length=8)
-    is_admin: bool = False
+def project_record(project: Project) -> ProjectRecord:
+    return ProjectRecord(
+        id=project.id,
+        name=project.name,
+        is_default=project.is_default,
+        created_at=project.created_at,
+    )
 
 
-class NewProject(BaseModel):
-    name: str = Field(pattern=NAME_PATTERN)
-
-
-def user_json(user: User) -> dict:
-    return {"id": user.id, "username": user.username, "is_admin": user.is_admin}
-
-
-def project_json(project: Project) -> dict:
-    return {
-        "id": project.id,
-        "name": project.name,
-        "is_default": project.is_default,
-        "created_at": iso(project.created_at),
-    }
+def token_record(token: Token) -> TokenRecord:
+    return TokenRecord(
+        id=token.id, name=token.name, created_at=token.created_at, expires_at=token.expires_at
+    )
 
 
 def create_user(session: Session, username: str, password: str, *, is_admin: bool) -> User:
     """Create a user with its default project. The caller commits."""
     if session.scalar(select(User).where(User.username == username)) is not None:
-        raise ApiError(409, ErrorCode.CONFLICT, f"user {username!r} already exists")
+        raise conflict(f"user {username!r} already exists")
     user = User(username=username, password_hash=_hasher.hash(password), is_admin=is_admin)
     session.add(user)
     session.flush()
@@ -62,15 +88,21 @@ def create_user(session: Session, username: str, password: str, *, is_admin: boo
     return user
 
 
-def issue_token(session: Session, user: User) -> str:
-    """Create a new API token for ``user``; only its sha256 is stored. The caller commits."""
-    token = "al_" + secrets.token_urlsafe(32)
-    session.add(Token(user_id=user.id, token_sha256=hash_token(token)))
-    return token
+def issue_token(
+    session: Session, user: User, name: str = "", expires_in: int | None = None
+) -> tuple[str, Token]:
+    """Create a new API token for ``user`` (valid ``expires_in`` seconds, or for ever); only
+    its sha256 is stored. Returns the secret and the row. The caller commits."""
+    secret = "al_" + secrets.token_urlsafe(32)
+    expires_at = utcnow() + timedelta(seconds=expires_in) if expires_in else None
+    row = Token(user_id=user.id, token_sha256=hash_token(secret), name=name, expires_at=expires_at)
+    session.add(row)
+    session.flush()
+    return secret, row
 
 
-@router.post("/auth/login", tags=["auth"])
-def login(body: LoginBody, session: DB) -> dict:
+@router.post("/auth/login", tags=["auth"], response_model=LoginResult)
+def login(body: LoginBody, session: DB) -> LoginResult:
     """Exchange a username and password for a new bearer token."""
     user = session.scalar(select(User).where(User.username == body.username))
     try:
@@ -79,43 +111,120 @@ def login(body: LoginBody, session: DB) -> dict:
         user = None
     if user is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "wrong username or password")
-    token = issue_token(session, user)
+    secret, _ = issue_token(session, user, LOGIN_TOKEN_NAME)
     session.commit()
-    return {"token": token, "user": user_json(user)}
+    return LoginResult(token=secret, user=user_record(user))
 
 
-@router.get("/users/me", tags=["auth"])
-def me(user: CurrentUser) -> dict:
-    return user_json(user)
+@router.get("/users/me", tags=["auth"], response_model=UserRecord)
+def me(user: CurrentUser) -> UserRecord:
+    return user_record(user)
 
 
-@router.post("/users", status_code=201, tags=["auth"])
-def add_user(body: NewUser, _admin: AdminUser, session: DB) -> dict:
+@router.get("/users", tags=["users"], response_model=list[UserRecord])
+def list_users(_admin: AdminUser, session: DB) -> list[UserRecord]:
+    """Every user, oldest first (admin only)."""
+    return [user_record(u) for u in session.scalars(select(User).order_by(User.created_at))]
+
+
+@router.post("/users", status_code=201, tags=["users"], response_model=UserRecord)
+def add_user(body: NewUser, _admin: AdminUser, session: DB) -> UserRecord:
     """Create a user (admin only). The new user gets a default project."""
     user = create_user(session, body.username, body.password, is_admin=body.is_admin)
     session.commit()
-    return user_json(user)
+    return user_record(user)
 
 
-@router.get("/projects", tags=["projects"])
-async def list_projects(user: CurrentUser, session: DB, name: str | None = None) -> list[dict]:
+@router.delete("/users/{username}", status_code=204, tags=["users"])
+def remove_user(username: str, admin: AdminUser, session: DB, ctx: Ctx) -> Response:
+    """Remove a user and everything they own: tokens, projects, algorithms and their
+    repositories, dataset and model versions, finished tasks and their folders (admin only).
+
+    Stored objects stay for the other users who hold them. Refused (409) while one of the
+    user's tasks is queued or running, and for the calling admin themselves.
+    """
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise not_found("user", username)
+    if user.id == admin.id:
+        raise bad_request("an admin cannot remove themselves; ask another admin")
+    live = session.scalars(
+        select(TrainTask.id).where(
+            TrainTask.owner_id == user.id, TrainTask.state.not_in(list(TERMINAL_TASK_STATES))
+        )
+    ).all()
+    if live:
+        raise conflict(
+            f"user {username!r} has {len(live)} queued or running task(s) ({live[0]}, ...); "
+            "cancel them first"
+        )
+    task_ids = session.scalars(select(TrainTask.id).where(TrainTask.owner_id == user.id)).all()
+    alg_ids = session.scalars(select(Algorithm.id).where(Algorithm.owner_id == user.id)).all()
+    upload_ids = session.scalars(select(Upload.id).where(Upload.owner_id == user.id)).all()
+    resource_ids = session.scalars(select(Resource.id).where(Resource.owner_id == user.id)).all()
+    for model in (Upload, ObjectRef, TrainTask, Resource, Algorithm, Project, Token):
+        column = model.user_id if model is Token else model.owner_id
+        session.execute(delete(model).where(column == user.id))
+    session.delete(user)
+    session.commit()
+    for task_id in task_ids:
+        shutil.rmtree(ctx.paths.tasks / task_id, ignore_errors=True)
+    for alg_id in alg_ids:
+        shutil.rmtree(ctx.paths.repo(alg_id), ignore_errors=True)
+    for upload_id in upload_ids:
+        (ctx.paths.uploads / upload_id).unlink(missing_ok=True)
+    for resource_id in resource_ids:
+        shutil.rmtree(ctx.paths.materialized / resource_id, ignore_errors=True)
+    return Response(status_code=204)
+
+
+@router.get("/tokens", tags=["tokens"], response_model=list[TokenRecord])
+def list_tokens(user: CurrentUser, session: DB) -> list[TokenRecord]:
+    """The calling user's tokens, oldest first, without their secrets."""
+    rows = session.scalars(select(Token).where(Token.user_id == user.id).order_by(Token.id))
+    return [token_record(t) for t in rows]
+
+
+@router.post("/tokens", status_code=201, tags=["tokens"], response_model=NewTokenResult)
+def create_token(body: NewToken, user: CurrentUser, session: DB) -> NewTokenResult:
+    """A new token for the calling user; the answer is the only time its secret is shown."""
+    secret, row = issue_token(session, user, body.name, body.expires_in)
+    session.commit()
+    return NewTokenResult(token=secret, **token_record(row).model_dump())
+
+
+@router.delete("/tokens/{token_id}", status_code=204, tags=["tokens"])
+def revoke_token(token_id: int, user: CurrentUser, session: DB) -> Response:
+    """Revoke one of the calling user's tokens (the one in use too)."""
+    row = session.get(Token, token_id)
+    if row is None or row.user_id != user.id:
+        raise not_found("token", str(token_id))
+    session.delete(row)
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.get("/projects", tags=["projects"], response_model=list[ProjectRecord])
+async def list_projects(
+    user: CurrentUser, session: DB, name: str | None = None
+) -> list[ProjectRecord]:
     query = select(Project).where(Project.owner_id == user.id).order_by(Project.created_at)
     if name is not None:
         query = query.where(Project.name == name)
-    return [project_json(p) for p in session.scalars(query)]
+    return [project_record(p) for p in session.scalars(query)]
 
 
-@router.post("/projects", status_code=201, tags=["projects"])
-def create_project(body: NewProject, user: CurrentUser, session: DB) -> dict:
+@router.post("/projects", status_code=201, tags=["projects"], response_model=ProjectRecord)
+def create_project(body: NewProject, user: CurrentUser, session: DB) -> ProjectRecord:
     exists = session.scalar(
         select(Project).where(Project.owner_id == user.id, Project.name == body.name)
     )
     if exists is not None:
-        raise ApiError(409, ErrorCode.CONFLICT, f"project {body.name!r} already exists")
+        raise conflict(f"project {body.name!r} already exists")
     project = Project(owner_id=user.id, name=body.name)
     session.add(project)
     session.commit()
-    return project_json(project)
+    return project_record(project)
 
 
 def owned_project(session: Session, user: User, project_id: str | None) -> Project:
@@ -130,6 +239,6 @@ def owned_project(session: Session, user: User, project_id: str | None) -> Proje
     return project
 
 
-@router.get("/projects/{project_id}", tags=["projects"])
-def get_project(project_id: str, user: CurrentUser, session: DB) -> dict:
-    return project_json(owned_project(session, user, project_id))
+@router.get("/projects/{project_id}", tags=["projects"], response_model=ProjectRecord)
+def get_project(project_id: str, user: CurrentUser, session: DB) -> ProjectRecord:
+    return project_record(owned_project(session, user, project_id))

@@ -8,33 +8,27 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from anylearn_sdk.server import gitrepos
-from anylearn_sdk.server.api.accounts import NAME_PATTERN, owned_project
-from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, not_found
-from anylearn_sdk.server.db import Algorithm, User, iso
-from anylearn_sdk.states import ErrorCode
+from anylearn_sdk.server.api.accounts import owned_project
+from anylearn_sdk.server.context import DB, Ctx, CurrentUser, conflict, not_found
+from anylearn_sdk.server.db import Algorithm, User
+from anylearn_sdk.wire import API_PREFIX, AlgorithmRecord, CommitRecord, NewAlgorithm
 
 router = APIRouter(tags=["algorithms"])
 GIT_SERVICES = {"info/refs", "git-upload-pack", "git-receive-pack"}
 
 
-class NewAlgorithm(BaseModel):
-    name: str = Field(pattern=NAME_PATTERN)
-    project_id: str | None = None
-
-
-def algorithm_json(alg: Algorithm) -> dict:
-    return {
-        "id": alg.id,
-        "name": alg.name,
-        "project_id": alg.project_id,
-        "created_at": iso(alg.created_at),
-        "git_path": f"/api/v1/algorithms/{alg.id}/git",
-    }
+def algorithm_record(alg: Algorithm) -> AlgorithmRecord:
+    return AlgorithmRecord(
+        id=alg.id,
+        name=alg.name,
+        project_id=alg.project_id,
+        created_at=alg.created_at,
+        git_path=f"{API_PREFIX}/algorithms/{alg.id}/git",
+    )
 
 
 def owned_algorithm(session: Session, user: User, algorithm_id: str) -> Algorithm:
@@ -44,46 +38,51 @@ def owned_algorithm(session: Session, user: User, algorithm_id: str) -> Algorith
     return alg
 
 
-@router.get("/algorithms")
-def list_algorithms(user: CurrentUser, session: DB, name: str | None = None) -> list[dict]:
+@router.get("/algorithms", response_model=list[AlgorithmRecord])
+def list_algorithms(
+    user: CurrentUser, session: DB, name: str | None = None
+) -> list[AlgorithmRecord]:
     query = select(Algorithm).where(Algorithm.owner_id == user.id).order_by(Algorithm.created_at)
     if name is not None:
         query = query.where(Algorithm.name == name)
-    return [algorithm_json(a) for a in session.scalars(query)]
+    return [algorithm_record(a) for a in session.scalars(query)]
 
 
-@router.post("/algorithms", status_code=201)
-def create_algorithm(body: NewAlgorithm, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
+@router.post("/algorithms", status_code=201, response_model=AlgorithmRecord)
+def create_algorithm(
+    body: NewAlgorithm, user: CurrentUser, session: DB, ctx: Ctx
+) -> AlgorithmRecord:
     """Create an algorithm and its empty bare repository."""
     project = owned_project(session, user, body.project_id)
     exists = session.scalar(
         select(Algorithm).where(Algorithm.owner_id == user.id, Algorithm.name == body.name)
     )
     if exists is not None:
-        raise ApiError(409, ErrorCode.CONFLICT, f"algorithm {body.name!r} already exists")
+        raise conflict(f"algorithm {body.name!r} already exists")
     alg = Algorithm(owner_id=user.id, project_id=project.id, name=body.name)
     session.add(alg)
     session.flush()
     gitrepos.init_bare(ctx.paths.repo(alg.id))
     session.commit()
-    return algorithm_json(alg)
+    return algorithm_record(alg)
 
 
-@router.get("/algorithms/{algorithm_id}")
-def get_algorithm(algorithm_id: str, user: CurrentUser, session: DB) -> dict:
-    return algorithm_json(owned_algorithm(session, user, algorithm_id))
+@router.get("/algorithms/{algorithm_id}", response_model=AlgorithmRecord)
+def get_algorithm(algorithm_id: str, user: CurrentUser, session: DB) -> AlgorithmRecord:
+    return algorithm_record(owned_algorithm(session, user, algorithm_id))
 
 
-@router.get("/algorithms/{algorithm_id}/commits/{sha}")
-def get_commit(algorithm_id: str, sha: str, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
+@router.get("/algorithms/{algorithm_id}/commits/{sha}", response_model=CommitRecord)
+def get_commit(
+    algorithm_id: str, sha: str, user: CurrentUser, session: DB, ctx: Ctx
+) -> CommitRecord:
     """200 if the repository holds commit ``sha`` (full hex), else 404."""
     alg = owned_algorithm(session, user, algorithm_id)
     if not gitrepos.has_commit(ctx.paths.repo(alg.id), sha):
         raise not_found("commit", sha)
-    return {"algorithm_id": alg.id, "sha": sha}
+    return CommitRecord(algorithm_id=alg.id, sha=sha)
 
 
-@router.api_route("/algorithms/{algorithm_id}/git/{service:path}", methods=["GET", "POST"])
 async def git_smart_http(
     algorithm_id: str, service: str, request: Request, user: CurrentUser, session: DB, ctx: Ctx
 ) -> Response:
@@ -105,3 +104,13 @@ async def git_smart_http(
         body=body,
     )
     return Response(content=answer.body, status_code=answer.status, headers=dict(answer.headers))
+
+
+for _method in ("GET", "POST"):
+    router.add_api_route(
+        "/algorithms/{algorithm_id}/git/{service:path}",
+        git_smart_http,
+        methods=[_method],
+        name=f"git_smart_http_{_method.lower()}",
+        operation_id=f"git_smart_http_{_method.lower()}",
+    )

@@ -8,10 +8,10 @@ manifest is in the verified object store; a pack that fails verification makes i
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -23,71 +23,67 @@ from anylearn_sdk.protocol import (
     manifest_checksum,
     validate_manifest,
 )
-from anylearn_sdk.server.api.accounts import NAME_PATTERN, owned_project
+from anylearn_sdk.server.api.accounts import owned_project
 from anylearn_sdk.server.context import (
     DB,
-    ApiError,
     Ctx,
     CurrentUser,
     bad_request,
+    conflict,
     not_found,
 )
-from anylearn_sdk.server.db import ObjectRef, Project, Resource, User, iso, new_id
+from anylearn_sdk.server.db import ObjectRef, Project, Resource, TrainTask, User, new_id
 from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.states import ErrorCode, ResourceState
+from anylearn_sdk.states import TERMINAL_TASK_STATES, ResourceState
+from anylearn_sdk.wire import DigestList, MissingObjects, NewResource, ResourceRecord
 
 KINDS = {"dataset": ("datasets", "dset"), "model": ("models", "model")}
 #: Bound parameters per query (SQLite's default limit is 999).
 SQL_BATCH = 900
-#: Most digests one ``POST /objects/missing`` may ask about.
-MAX_DIGESTS = 1_000_000
 objects_router = APIRouter(prefix="/objects", tags=["objects"])
 
 
-class DigestList(BaseModel):
-    digests: list[str] = Field(max_length=MAX_DIGESTS)
-
-
-@objects_router.post("/missing")
-def missing_objects(body: DigestList, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
+@objects_router.post("/missing", response_model=MissingObjects)
+def missing_objects(body: DigestList, user: CurrentUser, session: DB, ctx: Ctx) -> MissingObjects:
     """Which of ``digests`` the caller would have to upload (read-only; for previews)."""
     bad = [d for d in body.digests if not SHA256_HEX.fullmatch(d)]
     if bad:
         raise bad_request(f"not a sha256 digest: {bad[0]!r}")
-    return {"missing": missing_for(session, ctx.objects, user.id, body.digests)}
+    return MissingObjects(missing=missing_for(session, ctx.objects, user.id, body.digests))
 
 
-class NewResource(BaseModel):
-    """A version to register: its whole ``manifest``, or a delta against a version the user
-    already registered (``base_checksum`` + ``changes`` + ``removed`` paths)."""
+def resource_record(
+    res: Resource, *, missing: list[str] | None = None, manifest: bool = False
+) -> ResourceRecord:
+    return ResourceRecord(
+        id=res.id,
+        kind=res.kind,
+        name=res.name,
+        project_id=res.project_id,
+        checksum=res.checksum,
+        state=res.state,
+        file_count=res.file_count,
+        total_bytes=res.total_bytes,
+        error=res.error,
+        created_at=res.created_at,
+        missing=missing,
+        manifest=res.manifest if manifest else None,
+    )
 
-    name: str = Field(pattern=NAME_PATTERN)
-    checksum: str = Field(pattern=r"^[0-9a-f]{64}$")
-    manifest: list[dict] | None = None
-    base_checksum: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    changes: list[dict] = Field(default_factory=list)
-    removed: list[str] = Field(default_factory=list)
-    project_id: str | None = None
 
-
-def resource_json(res: Resource, *, missing: list[str] | None = None, manifest: bool = False):
-    data = {
-        "id": res.id,
-        "kind": res.kind,
-        "name": res.name,
-        "project_id": res.project_id,
-        "checksum": res.checksum,
-        "state": res.state,
-        "file_count": res.file_count,
-        "total_bytes": res.total_bytes,
-        "error": res.error,
-        "created_at": iso(res.created_at),
-    }
-    if missing is not None:
-        data["missing"] = missing
-    if manifest:
-        data["manifest"] = res.manifest
-    return data
+def users_of(session: Session, kind: str, resource_id: str) -> list[str]:
+    """Ids of the queued or running tasks that mount ``resource_id`` (a dataset, a model, or
+    for ``kind="pretrain"`` a task's results)."""
+    live = session.execute(
+        select(TrainTask.id, TrainTask.mounts).where(
+            TrainTask.state.not_in(list(TERMINAL_TASK_STATES))
+        )
+    )
+    return [
+        task_id
+        for task_id, mounts in live
+        if resource_id in ((mounts or {}).get(kind) or {}).get("ids", [])
+    ]
 
 
 def owned_resource(session: Session, user: User, kind: str, resource_id: str) -> Resource:
@@ -170,9 +166,7 @@ def _full_manifest(session: Session, user: User, kind: str, body: NewResource) -
         return body.manifest
     base = live_version(session, user, kind, body.base_checksum)
     if base is None:
-        raise ApiError(
-            409, ErrorCode.CONFLICT, f"base {kind} {body.base_checksum} not found; send it whole"
-        )
+        raise conflict(f"base {kind} {body.base_checksum} not found; send it whole")
     changes = validate_manifest(body.changes)  # malformed entries: a 400 naming the entry
     merged = apply_delta(manifest_of(base), changes, body.removed)
     return [e.to_json() for e in merged]
@@ -211,10 +205,16 @@ def make_router(kind: str) -> APIRouter:
 
     # Read-only handlers are coroutines: they skip the thread-pool hop, and a WAL read never
     # waits for a lock, so the event loop is not held up.
-    @router.get("", name=f"list_{plural}")
+    @router.get("", name=f"list_{plural}", response_model=list[ResourceRecord])
     async def list_resources(
-        user: CurrentUser, session: DB, checksum: str | None = None, name: str | None = None
-    ) -> list[dict]:
+        user: CurrentUser,
+        session: DB,
+        checksum: str | None = None,
+        name: str | None = None,
+        id_prefix: str | None = None,
+    ) -> list[ResourceRecord]:
+        """The user's versions, oldest first; filters: ``checksum``, ``name``, ``id_prefix``
+        (versions whose id starts with it)."""
         query = (
             select(Resource)
             .where(
@@ -228,12 +228,14 @@ def make_router(kind: str) -> APIRouter:
             query = query.where(Resource.checksum == checksum)
         if name is not None:
             query = query.where(Resource.name == name)
-        return [resource_json(r) for r in session.scalars(query)]
+        if id_prefix:
+            query = query.where(Resource.id.startswith(id_prefix, autoescape=True))
+        return [resource_record(r) for r in session.scalars(query)]
 
-    @router.post("", name=f"register_{kind}")
+    @router.post("", name=f"register_{kind}", response_model=ResourceRecord)
     def register(
         body: NewResource, user: CurrentUser, session: DB, ctx: Ctx, response: Response
-    ) -> dict:
+    ) -> ResourceRecord:
         """Register a version by manifest; idempotent on (user, checksum).
 
         Answers 201 for a new version, 200 for an existing one, with ``missing``: the sha256
@@ -253,20 +255,27 @@ def make_router(kind: str) -> APIRouter:
             response.status_code = 201
         missing = refresh_state(session, res, ctx.objects)
         session.commit()
-        return resource_json(res, missing=missing)
+        return resource_record(res, missing=missing)
 
-    @router.get("/{resource_id}", name=f"get_{kind}")
+    @router.get("/{resource_id}", name=f"get_{kind}", response_model=ResourceRecord)
     async def get_resource(
         resource_id: str, user: CurrentUser, session: DB, manifest: bool = False
-    ) -> dict:
-        return resource_json(owned_resource(session, user, kind, resource_id), manifest=manifest)
+    ) -> ResourceRecord:
+        res = owned_resource(session, user, kind, resource_id)
+        return resource_record(res, manifest=manifest)
 
     @router.delete("/{resource_id}", status_code=204, name=f"delete_{kind}")
-    def delete_resource(resource_id: str, user: CurrentUser, session: DB) -> Response:
-        """Mark the version DELETED; its objects stay for other versions that share them."""
+    def delete_resource(resource_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Response:
+        """Mark the version DELETED and remove its materialized tree; its objects stay for
+        other versions that share them. Refused (409) while a queued or running task mounts
+        it."""
         res = owned_resource(session, user, kind, resource_id)
+        tasks = users_of(session, kind, res.id)
+        if tasks:
+            raise conflict(f"{kind} {res.id} is mounted by live task(s) {', '.join(tasks)}")
         res.state = ResourceState.DELETED
         session.commit()
+        shutil.rmtree(ctx.paths.materialized / res.id, ignore_errors=True)
         return Response(status_code=204)
 
     return router

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import tarfile
 import tempfile
 from datetime import UTC, datetime
@@ -12,7 +12,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -26,10 +26,19 @@ from anylearn_sdk.server.api.resources import (
     live_version,
     new_version,
     owned_resource,
-    resource_json,
+    resource_record,
+    users_of,
 )
-from anylearn_sdk.server.api.runtime import Amounts
-from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, bad_request, not_found
+from anylearn_sdk.server.api.runtime import live_group
+from anylearn_sdk.server.context import (
+    DB,
+    ApiError,
+    Ctx,
+    CurrentUser,
+    bad_request,
+    conflict,
+    not_found,
+)
 from anylearn_sdk.server.db import (
     Mirror,
     Project,
@@ -38,75 +47,59 @@ from anylearn_sdk.server.db import (
     TrainTask,
     User,
     as_utc,
-    iso,
 )
-from anylearn_sdk.server.scheduler import RESOURCE_KEYS, TaskPaths, fits
+from anylearn_sdk.server.scheduler import TaskPaths, fits
 from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
+from anylearn_sdk.wire import (
+    IDEMPOTENCY_HEADER,
+    LOG_CHUNK_BYTES,
+    MAX_LOG_OFFSET,
+    NEXT_OFFSET_HEADER,
+    RESOURCE_KEYS,
+    TASK_STATE_HEADER,
+    ModelFromResults,
+    NewModelFromResults,
+    NewTask,
+    TaskInput,
+    TaskRecord,
+    TaskSummary,
+)
 
 router = APIRouter(prefix="/train-tasks", tags=["train tasks"])
-LOG_CHUNK_BYTES = 1024 * 1024
-HyperValue = str | int | float | bool | None
+_SUMMARIES = TypeAdapter(list[TaskSummary])
+_RECORDS = TypeAdapter(list[TaskRecord])
 
 
-class Mount(BaseModel):
-    ids: list[str] = Field(default_factory=list)
-    hyperparam_name: str | None = None
-
-
-class Mounts(BaseModel):
-    dataset: Mount = Mount()
-    model: Mount = Mount()
-    pretrain: Mount = Mount()
-
-
-class NewTask(BaseModel):
-    name: str | None = Field(default=None, max_length=200)
-    description: str = ""
-    project_id: str | None = None
-    algorithm_id: str
-    commit: str
-    entrypoint: str = Field(min_length=1)
-    hyperparams: dict[str, HyperValue] = Field(default_factory=dict)
-    hyperparams_prefix: str = Field(default="--", max_length=16)
-    hyperparams_delimiter: str = Field(default=" ", max_length=16)
-    mounts: Mounts = Mounts()
-    output: str = "output"
-    mirror_id: str
-    quota_group_id: str
-    request: Amounts | None = None
-    num_nodes: int = Field(default=1, ge=1, le=64)
-    nproc_per_node: int = Field(default=1, ge=1, le=64)
-
-
-def task_json(t: TrainTask) -> dict:
-    return {
-        "id": t.id,
-        "name": t.name,
-        "description": t.description,
-        "state": t.state,
-        "project_id": t.project_id,
-        "algorithm_id": t.algorithm_id,
-        "commit": t.commit,
-        "entrypoint": t.entrypoint,
-        "hyperparams": t.hyperparams,
-        "hyperparams_prefix": t.hyperparams_prefix,
-        "hyperparams_delimiter": t.hyperparams_delimiter,
-        "mounts": t.mounts,
-        "output": t.output,
-        "mirror_id": t.mirror_id,
-        "quota_group_id": t.quota_group_id,
-        "request": t.request,
-        "num_nodes": t.num_nodes,
-        "nproc_per_node": t.nproc_per_node,
-        "command": t.command,
-        "exit_code": t.exit_code,
-        "attempt": t.attempt,
-        "runtime": t.runtime,
-        "error": t.error,
-        "created_at": iso(t.created_at),
-        "started_at": iso(t.started_at),
-        "finished_at": iso(t.finished_at),
-    }
+def task_record(t: TrainTask, inputs: list[TaskInput] | None = None) -> TaskRecord:
+    return TaskRecord(
+        id=t.id,
+        name=t.name,
+        description=t.description,
+        state=t.state,
+        project_id=t.project_id,
+        algorithm_id=t.algorithm_id,
+        commit=t.commit,
+        entrypoint=t.entrypoint,
+        hyperparams=t.hyperparams,
+        hyperparams_prefix=t.hyperparams_prefix,
+        hyperparams_delimiter=t.hyperparams_delimiter,
+        mounts=t.mounts,
+        output=t.output,
+        mirror_id=t.mirror_id,
+        quota_group_id=t.quota_group_id,
+        request=t.request,
+        num_nodes=t.num_nodes,
+        nproc_per_node=t.nproc_per_node,
+        command=t.command,
+        exit_code=t.exit_code,
+        attempt=t.attempt,
+        runtime=t.runtime or {},
+        error=t.error,
+        created_at=t.created_at,
+        started_at=t.started_at,
+        finished_at=t.finished_at,
+        inputs=inputs or [],
+    )
 
 
 def owned_task(session: Session, user: User, task_id: str) -> TrainTask:
@@ -137,7 +130,7 @@ def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, s
             raise bad_request(f"pretrain task {ref} is {earlier.state}, not SUCCEEDED")
     if session.get(Mirror, body.mirror_id) is None:
         raise not_found("mirror", body.mirror_id)
-    group = session.get(QuotaGroup, body.quota_group_id)
+    group = live_group(session, body.quota_group_id)
     if group is None:
         raise not_found("quota group", body.quota_group_id)
     request = body.request.model_dump() if body.request else dict(group.default_request)
@@ -152,15 +145,15 @@ def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, s
     return request, output, project
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=TaskRecord)
 def create_task(
     body: NewTask,
     user: CurrentUser,
     session: DB,
     ctx: Ctx,
     response: Response,
-    idempotency_key: str | None = Header(default=None, max_length=100),
-) -> dict:
+    idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER, max_length=100),
+) -> TaskRecord:
     """Create a train task. A repeated ``Idempotency-Key`` returns the first task (200)."""
     if idempotency_key:
         existing = session.scalar(
@@ -170,7 +163,7 @@ def create_task(
         )
         if existing is not None:
             response.status_code = 200
-            return task_json(existing)
+            return task_record(existing)
     request, output, project = _validate(body, user, session, ctx)
     task = TrainTask(
         owner_id=user.id,
@@ -196,7 +189,7 @@ def create_task(
     session.add(task)
     session.commit()
     ctx.scheduler.wake()
-    return task_json(task)
+    return task_record(task)
 
 
 #: Bytes read from the end of a log for its last line in the summary listing.
@@ -220,24 +213,30 @@ def last_line(path: os.PathLike) -> str:
     return ""
 
 
-@router.get("")
+@router.get(
+    "",
+    responses={200: {"model": list[TaskRecord] | list[TaskSummary]}},
+    response_class=Response,
+)
 def list_tasks(
     user: CurrentUser,
     session: DB,
     ctx: Ctx,
-    ids: str | None = None,
-    state: str | None = None,
+    ids: str | None = Query(default=None, max_length=40 * 900),
+    id_prefix: str | None = Query(default=None, max_length=40),
+    state: str | None = Query(default=None, max_length=200),
     created_from: datetime | None = None,
     limit: int = Query(default=1000, ge=1, le=10_000),
     view: Literal["full", "summary"] = "full",
 ) -> Response:
-    """The user's newest ``limit`` tasks, oldest first.
+    """The user's newest ``limit`` tasks, oldest first: :class:`TaskRecord` objects, or with
+    ``view=summary`` :class:`TaskSummary` objects.
 
-    Filters: ``ids`` (comma-separated, at most 900), ``state`` (comma-separated states),
-    ``created_from`` (ISO 8601; tasks created then or later). ``view=summary`` gives what a
-    live table needs and nothing more: id, name, state, quota_group (its name), attempt,
-    exit_code, the timestamps, and ``last_line`` (the log's last non-empty line). One query,
-    serialized without FastAPI's encoder, so a watch of 1000 tasks stays cheap.
+    Filters: ``ids`` (comma-separated, at most 900), ``id_prefix`` (ids starting with it, to
+    resolve an abbreviated id), ``state`` (comma-separated states), ``created_from`` (ISO 8601;
+    tasks created then or later). The summary is what a live table needs and nothing more: one
+    query, and the log's last non-empty line only for tasks that started, so a watch of 1000
+    tasks stays cheap.
     """
     if view == "full":
         query = select(TrainTask).where(TrainTask.owner_id == user.id)
@@ -249,6 +248,8 @@ def list_tasks(
         )
     if ids:
         query = query.where(TrainTask.id.in_(ids.split(",")[:900]))
+    if id_prefix:
+        query = query.where(TrainTask.id.startswith(id_prefix, autoescape=True))
     if state:
         states = state.split(",")
         unknown = sorted(set(states) - {s.value for s in TaskState})
@@ -260,11 +261,12 @@ def list_tasks(
         query = query.where(TrainTask.created_at >= since)
     query = query.order_by(TrainTask.created_at.desc(), TrainTask.id.desc()).limit(limit)
     if view == "full":
-        rows = [task_json(t) for t in session.scalars(query)]
+        body = _RECORDS.dump_json([task_record(t) for t in reversed(session.scalars(query).all())])
     else:
         rows = _summaries(session.execute(query), ctx.paths.tasks)
-    rows.reverse()
-    return Response(json.dumps(rows), media_type="application/json")
+        rows.reverse()
+        body = _SUMMARIES.dump_json(rows)
+    return Response(body, media_type="application/json")
 
 
 SUMMARY_COLUMNS = (
@@ -274,90 +276,112 @@ SUMMARY_COLUMNS = (
     QuotaGroup.name.label("quota_group"),
     TrainTask.attempt,
     TrainTask.exit_code,
+    TrainTask.error,
     TrainTask.created_at,
     TrainTask.started_at,
     TrainTask.finished_at,
 )
 
 
-def _summaries(rows, tasks_root: Path) -> list[dict]:
-    """Summary dicts; only folders that exist are looked into for a log (a task that never
+def _summaries(rows, tasks_root: Path) -> list[TaskSummary]:
+    """Summaries; only folders that exist are looked into for a log (a task that never
     started has none), so a long queue costs one directory listing."""
     root = str(tasks_root)
     with os.scandir(root) as entries:
         started = {entry.name for entry in entries}
     out = []
     for row in rows:
-        summary = row._asdict()
-        for key in ("created_at", "started_at", "finished_at"):
-            summary[key] = iso(summary[key])
-        summary["last_line"] = (
-            last_line(os.path.join(root, row.id, TaskPaths.LOG_NAME)) if row.id in started else ""
+        log = os.path.join(root, row.id, TaskPaths.LOG_NAME)
+        out.append(
+            TaskSummary(**row._asdict(), last_line=last_line(log) if row.id in started else "")
         )
-        out.append(summary)
     return out
 
 
-@router.get("/{task_id}")
-def get_task(task_id: str, user: CurrentUser, session: DB) -> dict:
+@router.get("/{task_id}", response_model=TaskRecord)
+def get_task(task_id: str, user: CurrentUser, session: DB) -> TaskRecord:
     """The task's whole record, with ``inputs``: each mount's kind and id, and for datasets
     and models their name, checksum, file count and size in bytes."""
     task = owned_task(session, user, task_id)
     inputs = []
     for kind in ("dataset", "model", "pretrain"):
         for ref in (task.mounts.get(kind) or {}).get("ids") or []:
-            entry = {"kind": kind, "id": ref}
             res = session.get(Resource, ref) if kind != "pretrain" else None
+            details = {}
             if res is not None:
-                entry.update(
+                details = dict(
                     name=res.name,
                     checksum=res.checksum,
                     file_count=res.file_count,
                     total_bytes=res.total_bytes,
                 )
-            inputs.append(entry)
-    return {**task_json(task), "inputs": inputs}
+            inputs.append(TaskInput(kind=kind, id=ref, **details))
+    return task_record(task, inputs)
 
 
-@router.post("/{task_id}/cancel")
-def cancel_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> dict:
+@router.post("/{task_id}/cancel", response_model=TaskRecord)
+def cancel_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> TaskRecord:
     """Cancel a queued or running task; a terminal task is returned unchanged."""
     task = owned_task(session, user, task_id)
     ctx.scheduler.cancel(task.id)
     session.refresh(task)
-    return task_json(task)
+    return task_record(task)
 
 
-@router.get("/{task_id}/logs")
-def task_logs(task_id: str, user: CurrentUser, session: DB, ctx: Ctx, offset: int = 0) -> Response:
-    """Log bytes from ``offset``; ``X-Anylearn-Next-Offset`` says where to continue.
+@router.delete("/{task_id}", status_code=204)
+def delete_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Response:
+    """Remove a finished task: its row and its folder (code, log, results). Refused (409)
+    while it is queued or running, or while a live task mounts its results. A model
+    registered from its results stays (its files were copied)."""
+    task = owned_task(session, user, task_id)
+    if not TaskState(task.state).is_terminal:
+        raise conflict(f"task {task.id} is {task.state}; cancel it first")
+    users = users_of(session, "pretrain", task.id)
+    if users:
+        raise conflict(f"the results of task {task.id} are mounted by {', '.join(users)}")
+    folder = TaskPaths(ctx.paths.tasks, task).root
+    session.delete(task)
+    session.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{task_id}/logs",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def task_logs(
+    task_id: str,
+    user: CurrentUser,
+    session: DB,
+    ctx: Ctx,
+    offset: int = Query(default=0, ge=0, le=MAX_LOG_OFFSET),
+) -> Response:
+    """Up to 1 MiB of log bytes from byte ``offset``; ``X-Anylearn-Next-Offset`` says where to
+    continue. An offset past the end answers no bytes (the log may grow up to it).
 
     ``X-Anylearn-Task-State`` carries the task's state, read before the bytes: when it is
     terminal the log is complete once the next offset stops moving.
     """
     task = owned_task(session, user, task_id)
-    if offset < 0:
-        raise bad_request(f"offset {offset} is negative")
     state = task.state
     path = TaskPaths(ctx.paths.tasks, task).log
     data = b""
-    if path.exists():
+    try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(LOG_CHUNK_BYTES)
+            if offset < os.fstat(f.fileno()).st_size:
+                data = os.pread(f.fileno(), LOG_CHUNK_BYTES, offset)
+    except FileNotFoundError:
+        pass
     return Response(
         content=data,
         media_type="application/octet-stream",
-        headers={"X-Anylearn-Next-Offset": str(offset + len(data)), "X-Anylearn-Task-State": state},
+        headers={NEXT_OFFSET_HEADER: str(offset + len(data)), TASK_STATE_HEADER: state},
     )
 
 
-class NewModelFromResults(BaseModel):
-    name: str | None = Field(default=None, max_length=200)
-    project_id: str | None = None
-
-
-@router.post("/{task_id}/register-model")
+@router.post("/{task_id}/register-model", response_model=ModelFromResults)
 def register_model(
     task_id: str,
     body: NewModelFromResults,
@@ -365,7 +389,7 @@ def register_model(
     session: DB,
     ctx: Ctx,
     response: Response,
-) -> dict:
+) -> ModelFromResults:
     """Register a SUCCEEDED task's results (its output folder) as a model version.
 
     Every regular file is copied into the object store and hashed on the way, so the model
@@ -377,15 +401,13 @@ def register_model(
     """
     task = owned_task(session, user, task_id)
     if task.state != TaskState.SUCCEEDED:
-        raise ApiError(
-            409,
-            ErrorCode.CONFLICT,
-            f"task {task.id} is {task.state}; only a SUCCEEDED task's results become a model",
+        raise conflict(
+            f"task {task.id} is {task.state}; only a SUCCEEDED task's results become a model"
         )
     project = owned_project(session, user, body.project_id or task.project_id)
     output = TaskPaths(ctx.paths.tasks, task).output
     if not output.is_dir():
-        raise ApiError(409, ErrorCode.CONFLICT, f"the results of task {task.id} are gone")
+        raise conflict(f"the results of task {task.id} are gone")
     try:
         entries, skipped = ctx.objects.store_tree(output)
     except ValueError as err:
@@ -401,12 +423,18 @@ def register_model(
         response.status_code = 201
     add_refs(session, user.id, (e.sha256 for e in entries))
     session.commit()
-    return {**resource_json(model), "skipped": skipped, "task_id": task.id}
+    record = resource_record(model).model_dump()
+    return ModelFromResults(**record, skipped=skipped, task_id=task.id)
 
 
-@router.get("/{task_id}/results")
+@router.get(
+    "/{task_id}/results",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/x-tar": {}}}},
+)
 def task_results(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> FileResponse:
-    """The task's output folder as an uncompressed tar (members relative to the folder)."""
+    """The task's output folder as an uncompressed tar (members relative to the folder), in
+    whatever state the task is: a failed task's checkpoints are results too."""
     task = owned_task(session, user, task_id)
     output = TaskPaths(ctx.paths.tasks, task).output
     if not output.is_dir():

@@ -52,18 +52,25 @@ from starlette.requests import ClientDisconnect
 from anylearn_sdk.protocol import SHA256_HEX
 from anylearn_sdk.server.api.resources import add_refs, refresh_state
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
-from anylearn_sdk.server.db import Resource, Upload, User, as_utc, iso, utcnow
+from anylearn_sdk.server.db import Resource, Upload, User, as_utc, utcnow
 from anylearn_sdk.server.objects import ObjectVerificationError
-from anylearn_sdk.states import ErrorCode, ResourceState
+from anylearn_sdk.states import ErrorCode, ResourceState, UploadState
+from anylearn_sdk.wire import (
+    TUS_CHECKSUM_ALGORITHMS,
+    TUS_VERSION,
+    UPLOAD_STATE_HEADER,
+    UploadRecord,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/uploads", tags=["uploads"])
 
-TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,termination,checksum,concatenation,expiration"
 #: Largest upload accepted, bytes (tus §Creation, ``Tus-Max-Size``).
 TUS_MAX_SIZE = 1024**4
 TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+#: ``Upload-Checksum`` algorithm name → hashlib constructor (tus §Checksum).
+CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 #: Bytes gathered from the request stream before one write on a worker thread.
 WRITE_BLOCK_BYTES = 4 * 1024 * 1024
 #: At most this many buffers per ``writev`` (POSIX guarantees 16, Linux allows 1024).
@@ -73,12 +80,12 @@ KINDS = ("object", "pack")
 BODY_IDLE_SECONDS = 30.0
 
 RECEIVING, COMPLETE, VERIFYING, STORED, FAILED, CONSUMED = (
-    "RECEIVING",
-    "COMPLETE",
-    "VERIFYING",
-    "STORED",
-    "FAILED",
-    "CONSUMED",
+    UploadState.RECEIVING,
+    UploadState.COMPLETE,
+    UploadState.VERIFYING,
+    UploadState.STORED,
+    UploadState.FAILED,
+    UploadState.CONSUMED,
 )
 
 _locks: dict[str, asyncio.Lock] = {}
@@ -105,6 +112,8 @@ def parse_metadata(header: str | None) -> dict[str, str]:
 
 
 def _check_version(request: Request) -> None:
+    """tus §Core "Tus-Resumable": a request of another version is refused with 412, which
+    carries ``Tus-Version`` (added to every error of this router, see ``app._error``)."""
     if request.headers.get("tus-resumable") != TUS_VERSION:
         raise ApiError(412, ErrorCode.BAD_REQUEST, f"Tus-Resumable must be {TUS_VERSION}")
 
@@ -163,7 +172,7 @@ def tus_options() -> Response:
             **TUS_HEADERS,
             "Tus-Version": TUS_VERSION,
             "Tus-Extension": TUS_EXTENSIONS,
-            "Tus-Checksum-Algorithm": "sha256",
+            "Tus-Checksum-Algorithm": ",".join(TUS_CHECKSUM_ALGORITHMS),
             "Tus-Max-Size": str(TUS_MAX_SIZE),
         },
     )
@@ -284,7 +293,7 @@ def upload_offset(upload_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> R
         "Upload-Offset": str(_offset(ctx, upload)),
         "Upload-Length": str(upload.length),
         "Cache-Control": "no-store",
-        "X-Anylearn-Upload-State": upload.state,
+        UPLOAD_STATE_HEADER: upload.state,
     }
     if upload.concat == "partial":
         headers["Upload-Concat"] = "partial"
@@ -293,8 +302,8 @@ def upload_offset(upload_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> R
     return Response(status_code=200, headers=headers)
 
 
-@router.get("")
-def list_uploads(resource_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> list[dict]:
+@router.get("", response_model=list[UploadRecord])
+def list_uploads(resource_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> list[UploadRecord]:
     """The uploads of a dataset or model (not part of tus): state, offset and bytes received."""
     rows = session.scalars(
         select(Upload)
@@ -302,29 +311,34 @@ def list_uploads(resource_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> 
         .order_by(Upload.created_at)
     )
     return [
-        {
-            "id": u.id,
-            "state": u.state,
-            "concat": u.concat,
-            "kind": u.metadata_json.get("kind"),
-            "length": u.length,
-            "offset": _offset(ctx, u) if upload_path(ctx, u.id).exists() else u.length,
-            "received_bytes": u.received_bytes,
-            "error": u.error,
-            "expires_at": iso(u.expires_at),
-        }
+        UploadRecord(
+            id=u.id,
+            state=u.state,
+            concat=u.concat,
+            kind=u.metadata_json.get("kind"),
+            length=u.length,
+            offset=_offset(ctx, u) if upload_path(ctx, u.id).exists() else u.length,
+            received_bytes=u.received_bytes,
+            error=u.error,
+            expires_at=u.expires_at,
+        )
         for u in rows
     ]
 
 
-def _parse_checksum(header: str | None) -> bytes | None:
+def _parse_checksum(header: str | None) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: <algorithm> <base64 digest>`` → (algorithm, digest) (tus §Checksum)."""
     if header is None:
         return None
     algorithm, _, value = header.partition(" ")
-    if algorithm != "sha256":
-        raise _tus_error(400, f"checksum algorithm {algorithm!r} is not supported; use sha256")
+    if algorithm not in CHECKSUMS:
+        raise _tus_error(
+            400,
+            f"checksum algorithm {algorithm!r} is not supported; "
+            f"use one of {', '.join(TUS_CHECKSUM_ALGORITHMS)}",
+        )
     try:
-        return base64.b64decode(value, validate=True)
+        return algorithm, base64.b64decode(value, validate=True)
     except binascii.Error as err:
         raise _tus_error(400, "Upload-Checksum value is not base64") from err
 
@@ -332,11 +346,11 @@ def _parse_checksum(header: str | None) -> bytes | None:
 class _Sink:
     """Appends one PATCH body to an upload's file on worker threads, hashing as it goes."""
 
-    def __init__(self, fd: int, start: int, upload: Upload, want_checksum: bool):
+    def __init__(self, fd: int, start: int, upload: Upload, checksum_algorithm: str | None):
         self.fd = fd
         self.start = start
         self.written = 0
-        self.checksum = hashlib.sha256() if want_checksum else None
+        self.checksum = CHECKSUMS[checksum_algorithm]() if checksum_algorithm else None
         self.object_hash: hashlib._Hash | None = None
         if upload.concat is None and upload.metadata_json.get("kind") == "object":
             with _hashers_lock:
@@ -412,7 +426,7 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
         raise _tus_error(415, "Content-Type must be application/offset+octet-stream")
     if upload.concat == "final":
         raise ApiError(403, ErrorCode.FORBIDDEN, "a final upload cannot be patched")
-    expected_digest = _parse_checksum(request.headers.get("upload-checksum"))
+    expected = _parse_checksum(request.headers.get("upload-checksum"))
     lock = _locks.setdefault(upload.id, asyncio.Lock())
     if lock.locked():
         raise ApiError(423, ErrorCode.CONFLICT, f"upload {upload.id} is being written")
@@ -426,11 +440,11 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
         if claimed != start:
             raise ApiError(409, ErrorCode.CONFLICT, f"Upload-Offset {claimed} != offset {start}")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        sink = _Sink(fd, start, upload, expected_digest is not None)
+        sink = _Sink(fd, start, upload, expected[0] if expected else None)
         try:
             whole = await _receive(request, sink, upload.length - start, ctx.io)
-            bad_checksum = sink.checksum is not None and (
-                not whole or sink.checksum.digest() != expected_digest
+            bad_checksum = expected is not None and (
+                not whole or sink.checksum is None or sink.checksum.digest() != expected[1]
             )
             if bad_checksum:
                 os.ftruncate(fd, start)

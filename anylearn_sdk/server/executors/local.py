@@ -6,12 +6,12 @@ Launch)", environment variables), so ``torch.distributed.init_process_group("env
 The task fails as a whole when one rank exits non-zero: the other ranks are ended.
 
 Each rank's command runs under a small ``sh`` supervisor that writes the command's exit status
-to ``<status_dir>/rank-<N>.exit``, and each rank is recorded as (pid, kernel start time). A
-server that restarts is no longer the parent of its task processes, yet can still follow them
-(:meth:`LocalExecutor.attach`): a rank is running while a process with that pid *and* start
-time lives (a reused pid is a different process), has ended with the code in its file, or is
-:data:`LOST` if it vanished without writing one (its whole process group was killed, or the
-machine restarted).
+to ``<status_dir>/rank-<N>.exit``, and each rank is recorded as (pid, creation time, as psutil
+reads it from the kernel). A server that restarts is no longer the parent of its task
+processes, yet can still follow them (:meth:`LocalExecutor.attach`): a rank is running while a
+process with that pid *and* creation time lives (a reused pid is a different process), has
+ended with the code in its file, or is :data:`LOST` if it vanished without writing one (its
+whole process group was killed, or the machine restarted).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from anylearn_sdk.server.executors.base import RunSpec
 
 CANCEL_GRACE_SECONDS = 5.0
@@ -37,38 +39,41 @@ SUPERVISOR = (
 )
 
 
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks after boot), or None if it is gone."""
+def create_time(pid: int) -> float | None:
+    """When process ``pid`` was created (seconds since the epoch, as psutil derives it from
+    the kernel's start time, so equal for the same process at every call), or None if it is
+    gone or a zombie (it has ended)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.Error:
         return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":  # a zombie has ended
-        return None
-    return int(fields[19])
 
 
 @dataclass
 class Rank:
-    """One rank: the pid of its process-group leader, its start time and its exit file."""
+    """One rank: the pid of its process-group leader, its creation time and its exit file."""
 
     pid: int
-    start_time: int | None
+    create_time: float | None
     exit_file: Path
     proc: subprocess.Popen | None = None  # set while this server process is its parent
 
     def to_json(self) -> dict:
-        return {"pid": self.pid, "start_time": self.start_time, "exit_file": str(self.exit_file)}
+        return {"pid": self.pid, "create_time": self.create_time, "exit_file": str(self.exit_file)}
 
     @classmethod
     def from_json(cls, data: dict) -> Rank:
-        return cls(int(data["pid"]), data.get("start_time"), Path(data["exit_file"]))
+        """A recorded rank. Records of older servers (``start_time`` in clock ticks) carry no
+        creation time: such a rank is judged by its exit file alone."""
+        return cls(int(data["pid"]), data.get("create_time"), Path(data["exit_file"]))
 
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.start_time is not None and start_time(self.pid) == self.start_time
+        return self.create_time is not None and create_time(self.pid) == self.create_time
 
     def poll(self) -> int | str | None:
         """None while running, the exit code once ended, or :data:`LOST`."""
@@ -137,7 +142,7 @@ class LocalExecutor:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-                ranks.append(Rank(proc.pid, start_time(proc.pid), exit_file, proc))
+                ranks.append(Rank(proc.pid, create_time(proc.pid), exit_file, proc))
         with self._lock:
             self._ranks[spec.task_id] = ranks
         return [r.to_json() for r in ranks]
@@ -194,13 +199,12 @@ def kill_stale(task_id: str, pids: list[int]) -> None:
     A pid is only signalled if its environment still carries ``ANYLEARN_TASK_ID=<task_id>``,
     so a pid the kernel has since reused for another program is never touched.
     """
-    marker = f"ANYLEARN_TASK_ID={task_id}".encode()
     for pid in pids:
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            environ = psutil.Process(pid).environ()
+        except psutil.Error:
             continue
-        if marker in environ:
+        if environ.get("ANYLEARN_TASK_ID") == task_id:
             _kill_group(pid, signal.SIGKILL)
 
 
