@@ -19,7 +19,9 @@ then do not make the tree dirty either); a file committed at HEAD stays part of 
 
 The push sends ``<sha>:refs/anylearn/commits/<sha>`` with the token in an
 ``http.extraHeader`` passed through ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n`` environment
-variables (git-config(1), "ENVIRONMENT"), so it is in no URL, argv or config file.
+variables (git-config(1), "ENVIRONMENT"), so it is in no URL, argv or config file. A push
+that stalls (under ``http.lowSpeedLimit`` bytes/s for ``http.lowSpeedTime`` seconds) or runs
+past ``PUSH_TIMEOUT_SECONDS`` is ended.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ EPOCH_DATE = "1970-01-01T00:00:00+0000"
 #: Left out of every snapshot unless ``.anylearnignore`` re-includes them (``!pattern``).
 PLAIN_FOLDER_EXCLUDES = ("__pycache__/", "*.pyc", ".venv/", ".anylearn/", ".DS_Store")
 MAX_LISTED_FILES = 10
+#: Seconds a whole ``git push`` may take before it is killed.
+PUSH_TIMEOUT_SECONDS = 3600
+#: A push slower than this many bytes per second for ``PUSH_LOW_SPEED_SECONDS`` is stalled.
+PUSH_LOW_SPEED_BYTES = 1000
+PUSH_LOW_SPEED_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -260,18 +267,23 @@ def push(snap: Snapshot, remote_url: str, token: str) -> None:
     """Push ``snap.commit`` to ``remote_url`` as ``refs/anylearn/commits/<sha>``.
 
     Raises:
-        GitSyncError: the push failed (the message is git's, with no token in it).
+        GitSyncError: the push failed, stalled or timed out (the message is git's, with no
+            token in it).
     """
     env = dict(os.environ)
     n = int(env.get("GIT_CONFIG_COUNT") or 0)  # keep the user's own GIT_CONFIG_* entries
+    settings = {
+        "http.extraHeader": f"Authorization: Bearer {token}",
+        "http.lowSpeedLimit": str(PUSH_LOW_SPEED_BYTES),
+        "http.lowSpeedTime": str(PUSH_LOW_SPEED_SECONDS),
+    }
+    for i, (key, value) in enumerate(settings.items(), start=n):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
     env.update(
-        {
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_CONFIG_COUNT": str(n + 1),
-            f"GIT_CONFIG_KEY_{n}": "http.extraHeader",
-            f"GIT_CONFIG_VALUE_{n}": f"Authorization: Bearer {token}",
-            "GIT_DIR": str(snap.git_dir),
-        }
+        GIT_TERMINAL_PROMPT="0",
+        GIT_CONFIG_COUNT=str(n + len(settings)),
+        GIT_DIR=str(snap.git_dir),
     )
     cmd = [
         "git",
@@ -282,7 +294,7 @@ def push(snap: Snapshot, remote_url: str, token: str) -> None:
         f"{snap.commit}:refs/anylearn/commits/{snap.commit}",
     ]
     try:
-        git.Git().execute(cmd, env=env)
+        git.Git().execute(cmd, env=env, kill_after_timeout=PUSH_TIMEOUT_SECONDS)
     except GitCommandError as err:
-        message = str(err.stderr).replace(token, "***").strip()
+        message = str(err.stderr or err).replace(token, "***").strip()
         raise GitSyncError(f"git push of {snap.commit[:12]} failed: {message}") from err

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,6 +115,29 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def require_server_extra() -> None:
+    """Raises:
+    LocalBackendError: the ``server`` extra (FastAPI, uvicorn) is not installed."""
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise LocalBackendError(
+            "the local backend needs the server extra: pip install 'anylearn-sdk[server]' "
+            "(or point the SDK at a backend with ANYLEARN_HOST)"
+        )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise LocalBackendError(
+                f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port, "
+                "or 0 for a free one"
+            ) from err
+
+
 def start(
     data_dir: Path,
     *,
@@ -135,11 +159,9 @@ def start(
             its health check within ``timeout`` seconds; the message is the server's own
             one-line reason (a busy port, say) or names its log file.
     """
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise LocalBackendError(
-            "the local backend needs the server extra: pip install 'anylearn-sdk[server]' "
-            "(or point the SDK at a backend with ANYLEARN_HOST)"
-        )
+    require_server_extra()
+    if port:
+        _check_port_free(host, port)  # before the data folder is made
     with _start_lock(data_dir):
         deadline = time.monotonic() + timeout
         proc = None

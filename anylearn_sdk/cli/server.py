@@ -22,7 +22,13 @@ def server() -> None:
 
 @server.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=0, show_default=True, help="Port; 0 picks a free one.")
+@click.option(
+    "--port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port; 0 reuses the last one if free, else picks a free one.",
+)
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), help="Where the backend keeps its data."
 )
@@ -39,6 +45,12 @@ def server() -> None:
     default=None,
     help="GPUs tasks may be given (default: as many as `nvidia-smi -L` lists).",
 )
+@click.option(
+    "--build-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds an environment build step (venv, pip install) may run; default 1800.",
+)
 def start(
     host: str,
     port: int,
@@ -46,11 +58,20 @@ def start(
     detach: bool,
     max_restarts: int | None,
     gpus: int | None,
+    build_timeout: float | None,
 ) -> None:
-    """Start the backend (in the foreground unless --detach)."""
+    """Start the backend (in the foreground unless --detach).
+
+    A data folder has one server at most: a second start on it is refused, naming the running
+    one. Port 0 reuses the port the folder's last server listened on when it is free.
+    """
     folder = _data_dir(data_dir)
     options: list[str] = []
-    for name, value in (("--max-restarts", max_restarts), ("--gpus", gpus)):
+    for name, value in (
+        ("--max-restarts", max_restarts),
+        ("--gpus", gpus),
+        ("--build-timeout", build_timeout),
+    ):
         options += [] if value is None else [name, str(value)]
     if detach:
         running = local_backend.status(folder)
@@ -59,6 +80,7 @@ def start(
         status = local_backend.start(folder, host=host, port=port, options=options)
         click.echo(f"backend running at {status.url} (pid {status.pid}, data {folder})")
         return
+    local_backend.require_server_extra()
     from anylearn_sdk.server.runner import main
 
     main(["--host", host, "--port", str(port), "--data-dir", str(folder), *options])
@@ -79,7 +101,7 @@ def status(data_dir: Path | None) -> None:
     """Show whether the backend runs, and where."""
     st = local_backend.status(_data_dir(data_dir))
     if st.running:
-        where = f"at {st.url}" if st.ready else "(starting, not answering yet)"
+        where = f"at {st.url}" if st.ready else "(its address is not published yet)"
         click.echo(f"running {where} (pid {st.pid}, data {st.data_dir})")
     else:
         click.echo(f"not running (data {st.data_dir})")

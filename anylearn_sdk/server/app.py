@@ -28,7 +28,7 @@ from anylearn_sdk.server.context import (
     ServerPaths,
 )
 from anylearn_sdk.server.db import Mirror, QuotaGroup, make_engine, make_sessionmaker
-from anylearn_sdk.server.environments import Environments
+from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT, Environments
 from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
@@ -100,6 +100,7 @@ def build_context(
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     gpus: int | None = None,
+    build_timeout: float = DEFAULT_BUILD_TIMEOUT,
 ) -> ServerContext:
     paths = ServerPaths(data_dir)
     engine = make_engine(database_url or f"sqlite:///{data_dir / DATABASE_FILE}")
@@ -112,7 +113,7 @@ def build_context(
         tasks_root=paths.tasks,
         materialized_root=paths.materialized,
         executor=LocalExecutor(),
-        environments=Environments(paths.environments),
+        environments=Environments(paths.environments, build_timeout=build_timeout),
         max_restarts=max_restarts,
         gpus=detect_gpus() if gpus is None else gpus,
     )

@@ -79,6 +79,10 @@ class _Build:
                     out.write(line)
 
 
+#: Seconds one build step (``python -m venv``, ``pip install``) may take before it is killed.
+DEFAULT_BUILD_TIMEOUT = 1800.0
+
+
 class Environments:
     """Builds and caches environments; at most ``workers`` builds run at once.
 
@@ -88,9 +92,13 @@ class Environments:
     Args:
         root: folder the environments live in.
         workers: builds that may run at once.
+        build_timeout: seconds a build step may run; then it is killed and the build fails.
     """
 
-    def __init__(self, root: Path, *, workers: int = 2):
+    def __init__(
+        self, root: Path, *, workers: int = 2, build_timeout: float = DEFAULT_BUILD_TIMEOUT
+    ):
+        self.build_timeout = build_timeout
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self._builds: dict[str, _Build] = {}
@@ -169,9 +177,9 @@ class Environments:
             with self._lock:
                 self._builds.pop(key, None)
 
-    @staticmethod
-    def _run(build: _Build, what: str, argv: list[str]) -> None:
-        """Run ``argv``, its output line by line into the build's logs; raise on failure."""
+    def _run(self, build: _Build, what: str, argv: list[str]) -> None:
+        """Run ``argv``, its output line by line into the build's logs; raise on failure, or
+        once it has run ``build_timeout`` seconds (it is killed then)."""
         env = _clean_env()
         env.update({k: v for k, v in os.environ.items() if k.startswith("PIP_")})
         env["PYTHONUNBUFFERED"] = "1"
@@ -184,13 +192,26 @@ class Environments:
             stderr=subprocess.STDOUT,
         )
         last_line = last_error = ""
-        with proc.stdout as output:  # type: ignore[union-attr] - a PIPE is always there
-            for line in output:
-                build.write(line)
-                text = line.decode(errors="replace").strip()
-                last_line = text or last_line
-                last_error = text if text.startswith("ERROR:") else last_error
-        code = proc.wait()
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        killer = threading.Timer(self.build_timeout, kill)
+        killer.start()
+        try:
+            with proc.stdout as output:  # type: ignore[union-attr] - a PIPE is always there
+                for line in output:
+                    build.write(line)
+                    text = line.decode(errors="replace").strip()
+                    last_line = text or last_line
+                    last_error = text if text.startswith("ERROR:") else last_error
+            code = proc.wait()
+        finally:
+            killer.cancel()
+        if timed_out.is_set():
+            raise EnvironmentBuildError(f"{what} timed out after {self.build_timeout:g} s")
         if code != 0:
             last_error = last_error or last_line
             raise EnvironmentBuildError(

@@ -37,6 +37,7 @@ from anylearn_sdk.server.api.accounts import create_user, issue_token
 from anylearn_sdk.server.app import build_context, create_app
 from anylearn_sdk.server.context import DEFAULT_UPLOAD_EXPIRY, ServerContext
 from anylearn_sdk.server.db import User
+from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def serve(
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     gpus: int | None = None,
+    build_timeout: float = DEFAULT_BUILD_TIMEOUT,
 ) -> None:
     """Check, lock, bind, then serve until SIGINT/SIGTERM (see the module docstring).
 
@@ -151,7 +153,7 @@ def serve(
                 except OSError as err:
                     raise StartupError(f"cannot create --data-dir {data_dir}: {err}") from err
                 lock.acquire()
-            _run(sock, data_dir, upload_expiry, max_restarts, gpus)
+            _run(sock, data_dir, upload_expiry, max_restarts, gpus, build_timeout)
         finally:
             sock.close()
     finally:
@@ -164,8 +166,15 @@ def _run(
     upload_expiry: float,
     max_restarts: int,
     gpus: int | None,
+    build_timeout: float,
 ) -> None:
-    ctx = build_context(data_dir, upload_expiry=upload_expiry, max_restarts=max_restarts, gpus=gpus)
+    ctx = build_context(
+        data_dir,
+        upload_expiry=upload_expiry,
+        max_restarts=max_restarts,
+        gpus=gpus,
+        build_timeout=build_timeout,
+    )
     bootstrap_admin(ctx, data_dir)
     host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if sock.family == socket.AF_INET6 else host
@@ -205,17 +214,34 @@ def main(argv: list[str] | None = None) -> None:
         help="GPU devices tasks may be given, as CUDA_VISIBLE_DEVICES indices 0..N-1 "
         "(default: as many as `nvidia-smi -L` lists)",
     )
+    parser.add_argument(
+        "--build-timeout",
+        type=float,
+        default=DEFAULT_BUILD_TIMEOUT,
+        help="seconds one step of an environment build (venv, pip install) may run before it "
+        f"is killed and its tasks fail (default: {DEFAULT_BUILD_TIMEOUT:g})",
+    )
     args = parser.parse_args(argv)
     for option in ("max_restarts", "gpus"):
         if (getattr(args, option) or 0) < 0:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: use 0 or more")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: use 0..65535")
-    if args.upload_expiry <= 0:
-        parser.error(f"--upload-expiry {args.upload_expiry}: use a positive number of seconds")
+    for option in ("upload_expiry", "build_timeout"):
+        if getattr(args, option) <= 0:
+            flag = f"--{option.replace('_', '-')}"
+            parser.error(f"{flag} {getattr(args, option)}: use a positive number of seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        serve(args.host, args.port, args.data_dir, args.upload_expiry, args.max_restarts, args.gpus)
+        serve(
+            args.host,
+            args.port,
+            args.data_dir,
+            args.upload_expiry,
+            args.max_restarts,
+            args.gpus,
+            args.build_timeout,
+        )
     except (AlreadyRunningError, StartupError) as err:
         sys.stderr.write(f"Error: {err}\n")
         raise SystemExit(EXIT_CANNOT_START) from None

@@ -1,0 +1,159 @@
+"""Protocol and input edges found by independent clients: never a 5xx, stock tus clients,
+errors that are not mistaken for answers, and no call without an end."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import threading
+import time
+
+import pytest
+import requests
+from tusclient import client as tus_client
+
+from anylearn_sdk import TaskState, gitsync, init_sdk, list_tokens, quick_train, revoke_token
+from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.errors import AuthenticationError, GitSyncError
+from anylearn_sdk.resources.algorithm import has_commit
+from anylearn_sdk.session import get_context
+from anylearn_sdk.wire import TUS_VERSION
+from tests.conftest import admin_token, git, start_server
+
+pytestmark = pytest.mark.integration
+
+
+def test_log_offsets_out_of_range_are_never_a_server_error(user, algorithm_repo):
+    task = quick_train(algorithm_dir=algorithm_repo, entrypoint="python train.py")[0]
+    headers = {"Authorization": f"Bearer {user.token}"}
+    url = f"{user.backend.url}/api/v1/train-tasks/{task.id}/logs"
+    far = requests.get(url, params={"offset": 2**62}, headers=headers, timeout=30)
+    assert far.status_code == 200 and far.content == b""
+    assert far.headers["X-Anylearn-Next-Offset"] == str(2**62)
+    for bad in (2**63, 2**64, -1, "abc"):
+        answer = requests.get(url, params={"offset": bad}, headers=headers, timeout=30)
+        assert answer.status_code in (400, 422), (bad, answer.status_code)
+        assert answer.json()["error"]["code"] == "bad_request"
+    listing = f"{user.backend.url}/api/v1/train-tasks"
+    for limit in (0, -5, 10_001, 2**70):
+        answer = requests.get(listing, params={"limit": limit}, headers=headers, timeout=30)
+        assert answer.status_code == 422, (limit, answer.status_code)
+
+
+def test_tus_412_names_the_versions_the_server_speaks(user):
+    answer = requests.post(
+        f"{user.backend.url}/api/v1/uploads",
+        headers={"Authorization": f"Bearer {user.token}", "Tus-Resumable": "0.2.2"},
+        timeout=30,
+    )
+    assert answer.status_code == 412
+    assert answer.headers["Tus-Version"] == TUS_VERSION  # tus 1.0 §Core, "Tus-Resumable"
+
+
+def test_tuspy_uploads_with_its_default_sha1_checksums(user, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    blob = os.urandom(300_000)
+    (folder / "blob.bin").write_bytes(blob)
+    ctx = get_context()
+    manifest = build_manifest(folder, ctx.store)
+    version = ctx.api.post_json(
+        "/datasets",
+        {
+            "name": "tuspy",
+            "checksum": manifest.checksum,
+            "manifest": [e.to_json() for e in manifest.entries],
+        },
+    )
+    digest = hashlib.sha256(blob).hexdigest()
+    assert version["missing"] == [digest]
+    client = tus_client.TusClient(
+        f"{user.backend.url}/api/v1/uploads", headers={"Authorization": f"Bearer {user.token}"}
+    )
+    uploader = client.uploader(
+        file_stream=io.BytesIO(blob),  # tuspy leaves a file it opens itself unclosed
+        chunk_size=64 * 1024,  # several PATCHes, each with its sha1 Upload-Checksum
+        metadata={"kind": "object", "sha256": digest, "resource_id": version["id"]},
+        upload_checksum=True,
+    )
+    assert uploader.checksum_algorithm_name == "sha1"
+    uploader.upload()
+    deadline = time.monotonic() + 30
+    while user.get(f"/datasets/{version['id']}")["state"] != "READY":
+        assert time.monotonic() < deadline, "the version never became READY"
+        time.sleep(0.05)
+
+
+def test_a_refused_token_is_not_a_missing_commit(user, algorithm_repo):
+    task = quick_train(algorithm_dir=algorithm_repo, entrypoint="python train.py")[0]
+    ctx = get_context()
+    sha = git("rev-parse", "HEAD", cwd=algorithm_repo).strip()
+    assert has_commit(ctx, task.algorithm_id, sha)
+    assert not has_commit(ctx, task.algorithm_id, "0" * 40)  # a 404: missing
+    login_token = next(t for t in list_tokens() if t.name == "login")
+    revoke_token(login_token.id)
+    with pytest.raises(AuthenticationError):
+        has_commit(ctx, task.algorithm_id, sha)  # a 401 says nothing about the commit
+
+
+class Silent:
+    """Accepts connections and reads them, never answering (a stuck server)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def test_a_stuck_git_push_ends(algorithm_repo, tmp_path, monkeypatch):
+    monkeypatch.setattr(gitsync, "PUSH_LOW_SPEED_SECONDS", 2)
+    monkeypatch.setattr(gitsync, "PUSH_TIMEOUT_SECONDS", 20)
+    snap = gitsync.snapshot(algorithm_repo, scratch_root=tmp_path / "snapshots")
+    stuck = Silent()
+    try:
+        started = time.monotonic()
+        with pytest.raises(GitSyncError, match="git push"):
+            gitsync.push(snap, f"{stuck.url}/repo.git", "al_secret")
+        assert time.monotonic() - started < 20
+    finally:
+        stuck.close()
+
+
+def test_a_stuck_environment_build_fails_its_task(tmp_path):
+    index = Silent()
+    data_dir = tmp_path / "server"
+    server, url = start_server(data_dir, "--build-timeout", "2")
+    try:
+        init_sdk(url, token=admin_token(data_dir))
+        algo = tmp_path / "algo"
+        algo.mkdir()
+        (algo / "requirements.txt").write_text(
+            f"--index-url {index.url}/simple\nanylearn-never-answered\n"
+        )
+        (algo / "train.py").write_text("print('ran')\n")
+        task = quick_train(algorithm_dir=algo, entrypoint="python train.py")[0]
+        assert task.wait(timeout=60, poll_interval=0.2) == TaskState.FAILED
+        assert "timed out after 2 s" in task.error
+        assert task.command is None  # the entrypoint never ran
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        index.close()
