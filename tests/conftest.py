@@ -51,6 +51,8 @@ def isolated_env(tmp_path, monkeypatch):
     sdk_session.reset()
     yield home
     sdk_session.reset()
+    # A test that used the embedded backend (on purpose or not) leaves no server behind.
+    local_backend.stop(local_backend.data_dir_for(home / ".anylearn"))
 
 
 @dataclass
@@ -91,8 +93,9 @@ class User:
 
 
 @pytest.fixture
-def user(backend):
-    """A fresh user on the backend, with the SDK connected as that user."""
+def user(backend, monkeypatch):
+    """A fresh user on the backend, with the SDK connected as that user, and ANYLEARN_HOST and
+    ANYLEARN_TOKEN set as that user's, so commands run in the test talk to the same backend."""
     username = f"u{uuid.uuid4().hex[:10]}"
     password = uuid.uuid4().hex
     backend.admin(
@@ -104,6 +107,8 @@ def user(backend):
         timeout=30,
     ).json()["token"]
     sdk_session.init_sdk(backend.url, token=token)
+    monkeypatch.setenv("ANYLEARN_HOST", backend.url)
+    monkeypatch.setenv("ANYLEARN_TOKEN", token)
     return User(username, password, token, backend)
 
 

@@ -126,3 +126,118 @@ def test_show_json_listings_and_a_failed_watch(user, algorithm_repo, dataset_dir
     assert set(groups["default"]) >= {"capacity", "allocated", "running", "queued"}
     table = runner.invoke(cli, ["quota", "ls"], env={"COLUMNS": "250"})
     assert table.exit_code == 0 and "default" in table.output
+
+
+HTTP_MODULES = ("requests", "httpx", "urllib", "http", "aiohttp", "anylearn_sdk.client")
+
+
+def test_the_cli_makes_no_http_call_of_its_own():
+    """Every command calls the SDK: no HTTP client imported, no API client touched."""
+    import ast
+    from pathlib import Path
+
+    import anylearn_sdk.cli
+
+    for path in Path(anylearn_sdk.cli.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                if isinstance(node, ast.Attribute):
+                    assert node.attr not in ("api", "get_json", "post_json"), path.name
+                continue
+            for name in names:
+                assert not name.startswith(HTTP_MODULES), f"{path.name} imports {name}"
+
+
+@pytest.mark.integration
+def test_tables_fit_80_columns_and_never_cut_ids(user, algorithm_repo, dataset_dir, monkeypatch):
+    monkeypatch.setenv("ANYLEARN_HOST", user.backend.url)
+    monkeypatch.setenv("ANYLEARN_TOKEN", user.token)
+    tasks = [
+        quick_train(
+            algorithm_dir=algorithm_repo,
+            dataset_dir=dataset_dir,
+            entrypoint="python train.py",
+            task_name="a-task-name-long-enough-to-be-cut-somewhere",
+            resource_polling=0.2,
+        )[0]
+        for _ in range(2)
+    ]
+    for task in tasks:
+        task.wait(timeout=60, poll_interval=0.2)
+    runner = CliRunner()
+    narrow = {"COLUMNS": "80"}
+    listed = runner.invoke(cli, ["tasks"], env=narrow)
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), listed.output
+    assert "last log line" in lines[0]
+    for task in tasks:
+        row = next(line for line in lines if task.id in line)  # whole, never "task-1e66…"
+        assert "[anylearn] task" in row  # the log's last line is shown, as text not markup
+    datasets = runner.invoke(cli, ["datasets", "ls"], env=narrow)
+    dataset_ids = {d["id"] for d in user.get("/datasets")}
+    assert all(len(line) <= 80 for line in datasets.output.splitlines())
+    assert all(i in datasets.output for i in dataset_ids)
+    groups = runner.invoke(cli, ["quota", "ls"], env=narrow)
+    body = [line for line in groups.output.splitlines()[2:] if line.strip()]
+    assert len(body) == len(user.get("/quota-groups"))  # one line per group, none wrapped
+    assert all(len(line) <= 80 for line in groups.output.splitlines())
+
+
+@pytest.mark.integration
+def test_ids_by_prefix_and_the_newest_log(user, algorithm_repo, monkeypatch):
+    monkeypatch.setenv("ANYLEARN_HOST", user.backend.url)
+    monkeypatch.setenv("ANYLEARN_TOKEN", user.token)
+    first, second = (
+        quick_train(
+            algorithm_dir=algorithm_repo,
+            entrypoint="python train.py",
+            hyperparams={"note": note},
+            resource_polling=0.2,
+        )[0]
+        for note in ("first", "second")
+    )
+    second.wait(timeout=60, poll_interval=0.2)
+    runner = CliRunner()
+    for ref in (second.id[:12], second.id.removeprefix("task-")[:6]):
+        shown = runner.invoke(cli, ["tasks", "show", ref, "--json"])
+        if shown.exit_code == 1 and "matches 2 tasks" in shown.output:
+            continue  # both ids happen to share those characters
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.output)["id"] == second.id
+    ambiguous = runner.invoke(cli, ["tasks", "show", "task-"])
+    assert ambiguous.exit_code == 1 and "matches 2 tasks" in ambiguous.output
+    assert first.id in ambiguous.output and second.id in ambiguous.output
+    newest = runner.invoke(cli, ["tasks", "logs"])
+    assert newest.exit_code == 0 and "note second" in newest.output
+    assert "note first" not in newest.output
+
+
+@pytest.mark.integration
+def test_cli_errors_are_one_line(user, algorithm_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYLEARN_HOST", user.backend.url)
+    monkeypatch.setenv("ANYLEARN_TOKEN", user.token)
+    task = quick_train(algorithm_dir=algorithm_repo, entrypoint="python train.py")[0]
+    task.wait(timeout=60, poll_interval=0.2)
+    existing = tmp_path / "results.txt"
+    existing.write_text("mine")
+    runner = CliRunner()
+    cases = [
+        (["tasks", "download", task.id, str(existing)], 1, "is not a folder"),
+        (["tasks", "show", "task-0000000000000000"], 1, "not found"),
+        (["tasks", "--limit", "0"], 2, "--limit"),
+        (["tasks", "nope"], 2, "No such command"),
+        (["quota", "set", "default"], 2, "amount"),
+        (["tokens", "create", "--expires", "soon"], 2, "duration"),
+    ]
+    for args, code, text in cases:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == code, (args, result.output)
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1, args
+        assert text in result.output, (args, result.output)
+    assert existing.read_text() == "mine"

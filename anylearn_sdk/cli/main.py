@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from anylearn_sdk import session
 from anylearn_sdk._version import __version__
 from anylearn_sdk.cli.admin import tokens, users
 from anylearn_sdk.cli.auth import login
@@ -53,6 +54,7 @@ class _Group(click.Group):
             return super().main(args, prog_name, standalone_mode=False, **extra)
         argv = sys.argv[1:] if args is None else list(args)
         debug = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
+        session.reset()  # each command resolves its settings afresh, as a new process would
         try:
             result = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as done:
