@@ -35,6 +35,7 @@ def main() -> int:
     state = task.wait(timeout=600, poll_interval=1.0)
     print(f"task {task.id} finished: {state.value}")
     if state.value != "SUCCEEDED":
+        print(f"why: {task.error}")
         return 1
     results = task.download_results(HERE / "results" / task.id)
     metrics = json.loads((results / "metrics.json").read_text())

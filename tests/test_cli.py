@@ -22,6 +22,14 @@ def all_commands(group: click.Group, prefix=()):
             yield from all_commands(command, (*prefix, name))
 
 
+def test_every_command_is_in_the_cli_reference():
+    from pathlib import Path
+
+    reference = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    for path, _ in all_commands(cli):
+        assert " ".join(path) in reference, f"anylearn {' '.join(path)} is not in docs/cli.md"
+
+
 def test_every_command_has_help():
     for path, command in all_commands(cli):
         assert command.help, f"anylearn {' '.join(path)} has no help text"

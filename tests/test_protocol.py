@@ -196,3 +196,58 @@ def test_error_mapping():
         raise_for_status(_response(401))
     with pytest.raises(ServerError):
         raise_for_status(_response(503, b"not json"))
+
+
+def test_the_server_loads_no_client_code():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import anylearn_sdk.server.app, anylearn_sdk.server.runner; "
+        "print(','.join(sorted(m for m in sys.modules if m.startswith('anylearn_sdk') "
+        "or m == 'requests')))"
+    )
+    loaded = (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .split(",")
+    )
+    client = [
+        m
+        for m in loaded
+        if m == "requests"
+        or m.startswith(("anylearn_sdk.client", "anylearn_sdk.resources", "anylearn_sdk.cli"))
+        or m in ("anylearn_sdk.session", "anylearn_sdk.quickstart", "anylearn_sdk.local_backend")
+    ]
+    assert client == [], client
+    assert "anylearn_sdk.wire" in loaded and "anylearn_sdk.datadir" in loaded
+
+
+def test_one_rule_for_booleans_and_a_token_for_its_host(tmp_path):
+    from anylearn_sdk.config import ConfigurationError, env_flag, env_positive_int, env_token
+
+    for raw, expected in (("1", True), ("Yes", True), ("on", True), ("0", False), ("off", False)):
+        assert env_flag("X", not expected, {"X": raw}) is expected
+    assert env_flag("X", True, {}) is True and env_flag("X", False, {"X": ""}) is False
+    with pytest.raises(ConfigurationError, match="X='maybe'"):
+        env_flag("X", False, {"X": "maybe"})
+    assert env_positive_int("N", {"N": "3"}) == 3 and env_positive_int("N", {}) is None
+    with pytest.raises(ConfigurationError, match="N='0'"):
+        env_positive_int("N", {"N": "0"})
+
+    env = {"ANYLEARN_HOST": "http://a:1/", "ANYLEARN_TOKEN": "al_t"}
+    assert env_token(tmp_path, "http://a:1", env) == "al_t"
+    assert env_token(tmp_path, "http://b:1", env) is None  # never sent to another host
+    (tmp_path / "config.json").write_text('{"host": "http://c:1"}')
+    only_token = {"ANYLEARN_TOKEN": "al_t"}
+    assert env_token(tmp_path, "http://c:1", only_token) == "al_t"  # the logged-in host's
+    assert env_token(tmp_path, "http://d:1", only_token) is None
+
+
+def test_the_token_never_follows_a_location_to_another_origin():
+    from anylearn_sdk.client.http import ApiClient
+
+    api = ApiClient("http://backend:8080", "al_secret")
+    assert api.url("http://backend:8080/api/v1/uploads/1") == "http://backend:8080/api/v1/uploads/1"
+    with pytest.raises(ServerError, match="elsewhere:9"):
+        api.url("http://elsewhere:9/api/v1/uploads/1")
