@@ -1,8 +1,9 @@
 """How every listing prints: a table that fits the terminal for people, ``--json`` for scripts.
 
 Tables never cut an id (people copy them) and never wrap a row: when the terminal is too
-narrow, the flexible column (a log line, a name) is shortened first, with an ellipsis, then the
-widest other columns, each down to a minimum. ``--json`` prints every field, whatever the width.
+narrow, the widest column that may be cut is shortened, with an ellipsis, one cell at a time,
+each down to a minimum; if that is not enough, columns are left out, the flexible one (a log
+line) first. ``--json`` prints every field, whatever the width.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Col:
     Attributes:
         header: its title.
         value: what a record shows in it (a string or a rich ``Text``).
-        key: an id: shown whole, whatever the width.
-        flex: shortened first when the table is too wide (one per table at most).
+        key: an id (or a short value): shown whole, whatever the width.
+        flex: the first column left out when shortening is not enough (one per table).
         min_width: what it may be shortened to.
     """
 
@@ -80,9 +81,9 @@ def state_text(state: str) -> Text:
 
 def fit(natural: list[int], columns: Sequence[Col], available: int) -> list[int]:
     """Column widths that fit ``available`` cells, gaps included: ``key`` columns keep their
-    ``natural`` width; the ``flex`` column gives way first, then the widest others, down to
-    their ``min_width``. If that is still too wide, columns are left out (0), the flexible one
-    first, then from the right, so the ids still show whole."""
+    ``natural`` width; the widest of the others gives way, one cell at a time (the ``flex``
+    one on a tie), down to their ``min_width``. If that is still too wide, columns are left out
+    (0), the flexible one first, then from the right, so the ids still show whole."""
     widths = list(natural)
 
     def excess() -> int:
@@ -98,8 +99,7 @@ def fit(natural: list[int], columns: Sequence[Col], available: int) -> list[int]
         ]
         if not shrinkable:
             break
-        flexible = [i for i in shrinkable if columns[i].flex]
-        i = flexible[0] if flexible else max(shrinkable, key=lambda j: widths[j])
+        i = max(shrinkable, key=lambda j: (widths[j], columns[j].flex))
         widths[i] -= 1
         over -= 1
     droppable = [i for i, c in enumerate(columns) if not c.key]
