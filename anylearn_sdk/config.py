@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from anylearn_sdk.errors import ConfigurationError
 from anylearn_sdk.fileutil import write_private_json
+from anylearn_sdk.wire import API_PREFIX
 
 CONFIG_FILE = "config.json"
 CREDENTIALS_FILE = "credentials.json"
@@ -120,8 +121,7 @@ def normalize_host(host: str) -> str:
         ConfigurationError: the URL has no http(s) scheme or host, or embeds a user or password.
     """
     host = host.strip().rstrip("/")
-    if host.endswith("/api/v1"):
-        host = host[: -len("/api/v1")]
+    host = host.removesuffix(API_PREFIX)
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"cluster address {host!r} is not an http(s) URL with a host")

@@ -26,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from anylearn_sdk.states import UploadState
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -144,7 +146,7 @@ class Upload(Base):
     resource_id: Mapped[str | None] = mapped_column(
         ForeignKey("resources.id"), nullable=True, index=True
     )
-    state: Mapped[str] = mapped_column(String(16), default="RECEIVING")
+    state: Mapped[str] = mapped_column(String(16), default=UploadState.RECEIVING.value)
     #: "partial", "final" or None (tus §Concatenation).
     concat: Mapped[str | None] = mapped_column(String(8), nullable=True)
     #: For a final upload: the ids of its partial uploads, in order.

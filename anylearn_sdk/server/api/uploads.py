@@ -56,6 +56,7 @@ from anylearn_sdk.server.db import Resource, Upload, User, as_utc, utcnow
 from anylearn_sdk.server.objects import ObjectVerificationError
 from anylearn_sdk.states import ErrorCode, ResourceState, UploadState
 from anylearn_sdk.wire import (
+    API_PREFIX,
     TUS_CHECKSUM_ALGORITHMS,
     TUS_VERSION,
     UPLOAD_STATE_HEADER,
@@ -123,7 +124,7 @@ def upload_path(ctx: ServerContext, upload_id: str) -> Path:
 
 
 def _location(upload_id: str) -> str:
-    return f"/api/v1/uploads/{upload_id}"
+    return f"{API_PREFIX}/uploads/{upload_id}"
 
 
 def _expires_header(upload: Upload) -> dict[str, str]:
