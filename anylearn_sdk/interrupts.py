@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 #: What a call interrupted by Ctrl-C prints (the hash cache and upload journal keep its work).
@@ -29,3 +30,24 @@ def sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def stoppable_pool(workers: int, name: str) -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
+    """A thread pool and the event its workers check between reads.
+
+    On ``KeyboardInterrupt`` (or any error) in the block the event is set, so every worker ends
+    at its next check, queued work is dropped, and the threads are joined (a second Ctrl-C
+    ignored) before the exception goes on. Without this, leaving a pool waits for all its
+    queued work: the whole upload, or the hashing of every file.
+    """
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    try:
+        yield pool, stop
+    except BaseException:
+        stop.set()
+        with sigint_ignored():
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -21,7 +21,7 @@ from anylearn_sdk.config import stored_token
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.errors import InvalidArgumentError, NotFoundError
-from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE
+from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE, stoppable_pool
 from anylearn_sdk.progress import ProgressCallback, resolve_progress
 from anylearn_sdk.protocol import check_relative_path
 from anylearn_sdk.resources.algorithm import (
@@ -35,7 +35,6 @@ from anylearn_sdk.resources.dataset import Dataset, await_ready, get_ready, star
 from anylearn_sdk.resources.project import Project, ensure_project, find_project
 from anylearn_sdk.resources.runtime import check_amounts, resolve_mirror, resolve_quota_group
 from anylearn_sdk.resources.train_task import TrainTask
-from anylearn_sdk.resources.upload import upload_pool
 from anylearn_sdk.session import SdkContext, get_context, server_id_of
 from anylearn_sdk.states import TaskState
 from anylearn_sdk.wire import (
@@ -359,7 +358,8 @@ def _submit(
             raise InvalidArgumentError(f"algorithm_id {algorithm_id!r} not found")
         algorithm = Algorithm(existing_alg.id, existing_alg.name, algorithm_git_ref)
     synced: dict[str, list[Dataset]] = {"dataset": [], "model": []}
-    with upload_pool() as (pool, stop):
+    # On Ctrl-C every upload thread ends within one chunk read; the journal keeps every unit.
+    with stoppable_pool(2, "anylearn-upload") as (pool, stop):
         pending = [
             start_sync(ctx, kind, manifest, name, project.id, pool, report, interrupt=stop)
             for kind, manifest, name in manifests

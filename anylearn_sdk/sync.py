@@ -14,7 +14,7 @@ from typing import cast
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.errors import InvalidArgumentError
-from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE
+from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE, stoppable_pool
 from anylearn_sdk.progress import ProgressCallback, resolve_progress
 from anylearn_sdk.resources.algorithm import algorithm_name_for
 from anylearn_sdk.resources.dataset import (
@@ -26,7 +26,7 @@ from anylearn_sdk.resources.dataset import (
     start_sync,
 )
 from anylearn_sdk.resources.project import ensure_project, find_project
-from anylearn_sdk.resources.upload import plan_units, upload_pool, upload_streams
+from anylearn_sdk.resources.upload import plan_units, upload_streams
 from anylearn_sdk.session import get_context
 from anylearn_sdk.states import ResourceState
 from anylearn_sdk.wire import DigestList, MissingObjects
@@ -74,7 +74,7 @@ def _sync(
         return ensure_project(ctx, *find_project(ctx, None, project_name)).id
 
     try:
-        with upload_pool(workers=1) as (pool, stop):
+        with stoppable_pool(1, "anylearn-upload") as (pool, stop):
             source = archive if archive is not None else folder
             guess = pool.submit(last_known, ctx, kind, str(source.resolve())) if source else None
             manifest = _manifest_of(folder, archive, report)

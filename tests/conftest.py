@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -209,3 +211,38 @@ def wait_for_log(task: TrainTask, text: str, timeout: float = 60) -> str:
             return log
         time.sleep(0.1)
     raise AssertionError(f"{text!r} not in the log of {task.id}: {task.logs()[0]!r}")
+
+
+class BadPeer:
+    """A listener on loopback that misbehaves: it hangs up on every connection
+    (``hang_up=True``, another program that took a port) or holds each one open without a
+    word (a stuck server)."""
+
+    def __init__(self, port: int = 0, *, hang_up: bool):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.hang_up = hang_up
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.hang_up:
+                conn.close()
+            else:
+                self.held.append(conn)
+
+    def close(self) -> None:
+        for conn in self.held:
+            conn.close()
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(timeout=5)

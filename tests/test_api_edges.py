@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from anylearn_sdk.errors import AuthenticationError, GitSyncError
 from anylearn_sdk.resources.algorithm import has_commit
 from anylearn_sdk.session import get_context
 from anylearn_sdk.wire import TUS_VERSION
-from tests.conftest import admin_token, git, start_server
+from tests.conftest import BadPeer, admin_token, git, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -101,36 +99,11 @@ def test_a_refused_token_is_not_a_missing_commit(user, algorithm_repo):
         has_commit(ctx, task.algorithm_id, sha)  # a 401 says nothing about the commit
 
 
-class Silent:
-    """Accepts connections and reads them, never answering (a stuck server)."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        for conn in self.conns:
-            conn.close()
-        self.sock.close()
-
-
 def test_a_stuck_git_push_ends(algorithm_repo, tmp_path, monkeypatch):
     monkeypatch.setattr(gitsync, "PUSH_LOW_SPEED_SECONDS", 2)
     monkeypatch.setattr(gitsync, "PUSH_TIMEOUT_SECONDS", 20)
     snap = gitsync.snapshot(algorithm_repo, scratch_root=tmp_path / "snapshots")
-    stuck = Silent()
+    stuck = BadPeer(hang_up=False)
     try:
         started = time.monotonic()
         with pytest.raises(GitSyncError, match="git push"):
@@ -141,7 +114,7 @@ def test_a_stuck_git_push_ends(algorithm_repo, tmp_path, monkeypatch):
 
 
 def test_a_stuck_environment_build_fails_its_task(tmp_path):
-    index = Silent()
+    index = BadPeer(hang_up=False)
     data_dir = tmp_path / "server"
     server, url = start_server(data_dir, "--build-timeout", "2")
     try:

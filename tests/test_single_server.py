@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from anylearn_sdk import TaskState, init_sdk, quick_train
 from anylearn_sdk.datadir import ADDRESS_FILE
-from tests.conftest import admin_token, start_server, wait_for_log
+from tests.conftest import BadPeer, admin_token, start_server, wait_for_log
 
 pytestmark = pytest.mark.integration
 ANYLEARN = str(Path(sys.executable).parent / "anylearn")
@@ -157,7 +156,7 @@ def test_following_survives_a_stop_and_start_of_the_local_backend(tmp_path, isol
         # every connection): the backend moves, and the followers find it by reading the
         # local address again.
         assert anylearn("server", "stop").returncode == 0
-        blocker = HangUp(int(first_url.rsplit(":", 1)[1]))
+        blocker = BadPeer(int(first_url.rsplit(":", 1)[1]), hang_up=True)
         assert anylearn("server", "start", "--detach").returncode == 0
         assert json.loads((data_dir / ADDRESS_FILE).read_text())["url"] != first_url
 
@@ -177,28 +176,3 @@ def test_following_survives_a_stop_and_start_of_the_local_backend(tmp_path, isol
         if blocker is not None:
             blocker.close()
         anylearn("server", "stop")
-
-
-class HangUp:
-    """Listens on ``port`` and closes every connection at once."""
-
-    def __init__(self, port: int):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(timeout=5)

@@ -22,13 +22,12 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import NamedTuple
 
 from anylearn_sdk.config import hash_mmap_enabled
 from anylearn_sdk.errors import ContentChangedError
-from anylearn_sdk.interrupts import sigint_ignored
+from anylearn_sdk.interrupts import stoppable_pool
 
 #: Files at least this large are hashed one per task; smaller ones in batches.
 LARGE_HASH_BYTES = 4 * 1024 * 1024
@@ -214,9 +213,8 @@ def hash_files(
             for i, d in zip(b, _hash_small_batch([files[i] for i in b], on_bytes), strict=True):
                 digests[i] = d
         return digests
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-hash")
-    try:
+    # On Ctrl-C or a failed file, the other threads stop at their next window.
+    with stoppable_pool(workers, "anylearn-hash") as (pool, stop):
         large_futures = {i: pool.submit(_hash_large, files[i], on_bytes, stop) for i in large}
         batch_futures = [
             (b, pool.submit(_hash_small_batch, [files[i] for i in b], on_bytes, stop))
@@ -227,12 +225,4 @@ def hash_files(
         for b, fut in batch_futures:
             for i, d in zip(b, fut.result(), strict=True):
                 digests[i] = d
-    except BaseException:
-        # Ctrl-C or a failed file: the other threads stop at their next window, queued work
-        # is dropped, and a second Ctrl-C does not interrupt the join.
-        stop.set()
-        with sigint_ignored():
-            pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
     return digests

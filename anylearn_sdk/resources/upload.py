@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from anylearn_sdk.client.tus import Body, TusClient, UploadStopped
 from anylearn_sdk.config import STREAMS_VAR, env_positive_int
 from anylearn_sdk.content.pack import PackMember, PackReader
 from anylearn_sdk.content.sources import Source, close_archives
-from anylearn_sdk.interrupts import sigint_ignored
 from anylearn_sdk.session import SdkContext
 
 #: Files at least this large travel alone rather than packed.
@@ -234,24 +232,3 @@ class UploadRun:
         meta = {"kind": "object", "sha256": sha256, "resource_id": self.resource_id}
         url = tus.concatenate(urls, meta)
         self.ctx.store.save_upload_unit(self.ctx.server_id, self.resource_id, key, url, 0)
-
-
-@contextmanager
-def upload_pool(workers: int = 2) -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
-    """A pool for uploads and the event that stops them.
-
-    On ``KeyboardInterrupt`` (or any error) in the block, the event is set, so every upload
-    thread ends within one chunk read (well under a second), queued work is dropped, and the
-    threads are joined before the exception goes on; the journal keeps every unit, so a rerun
-    resumes. Without this, leaving the pool would wait for the whole upload to finish.
-    """
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-upload")
-    try:
-        yield pool, stop
-    except BaseException:
-        stop.set()
-        with sigint_ignored():
-            pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)

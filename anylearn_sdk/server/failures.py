@@ -28,17 +28,23 @@ _SHELL = re.compile(r"^(?:/bin/)?(?:ba|da)?sh: (?:line )?(?:\d+: )?(?P<what>.+?)
 _TRACEBACK = "Traceback (most recent call last):"
 
 
-def _tail_lines(log: Path) -> list[str]:
+def tail(path: os.PathLike | str, nbytes: int) -> tuple[bytes, bool]:
+    """The last ``nbytes`` of the file at ``path`` (b"" if it cannot be read), and whether the
+    file is longer (the first line of the tail may then be cut)."""
     try:
-        with open(log, "rb") as f:
+        with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - TAIL_BYTES))
-            tail = f.read()
+            f.seek(max(0, size - nbytes))
+            return f.read(), size > nbytes
     except OSError:
-        return []
-    lines = tail.decode("utf-8", errors="replace").splitlines()
-    if size > TAIL_BYTES and lines:
-        lines = lines[1:]  # the first line may be cut
+        return b"", False
+
+
+def _tail_lines(log: Path) -> list[str]:
+    data, cut = tail(log, TAIL_BYTES)
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if cut and lines:
+        lines = lines[1:]
     return [line.rstrip() for line in lines if not line.startswith(_OWN_PREFIX)]
 
 

@@ -48,6 +48,7 @@ from anylearn_sdk.server.db import (
     User,
     as_utc,
 )
+from anylearn_sdk.server.failures import tail
 from anylearn_sdk.server.scheduler import TaskPaths, fits
 from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
 from anylearn_sdk.wire import (
@@ -197,16 +198,10 @@ LAST_LINE_WINDOW = 4096
 LAST_LINE_CHARS = 200
 
 
-def last_line(path: os.PathLike) -> str:
+def last_line(path: os.PathLike | str) -> str:
     """The last non-empty line of the file at ``path`` (at most 200 characters), or ""."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - LAST_LINE_WINDOW))
-            tail = f.read()
-    except OSError:
-        return ""
-    for line in reversed(tail.splitlines()):
+    data, _ = tail(path, LAST_LINE_WINDOW)
+    for line in reversed(data.splitlines()):
         text = line.decode(errors="replace").strip()
         if text:
             return text[:LAST_LINE_CHARS]
