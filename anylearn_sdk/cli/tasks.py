@@ -34,6 +34,7 @@ from anylearn_sdk.wire import TaskSummary
 EXIT_TASK_FAILED = 3
 #: Lines a live table leaves for its header and caption.
 TABLE_CHROME_LINES = 6
+_FAILED = (TaskState.FAILED, TaskState.CANCELLED)
 
 
 def _elapsed(started: datetime | None, finished: datetime | None, now: datetime) -> str:
@@ -46,7 +47,7 @@ def _elapsed(started: datetime | None, finished: datetime | None, now: datetime)
 
 def _last(task: TaskSummary) -> str:
     """The last log line; for a failed task its reason, which says more."""
-    if task.state in (TaskState.FAILED, TaskState.CANCELLED) and task.error:
+    if task.state in _FAILED and task.error:
         return task.error
     return task.last_line
 
@@ -147,9 +148,6 @@ def watch_tasks(rows: list[TaskSummary], interval: float, console: Console) -> i
             live.update(render(rows, console.width, height()), refresh=True)
     failed = [t for t in rows if t.id in watched and t.state in _FAILED]
     return EXIT_TASK_FAILED if failed else 0
-
-
-_FAILED = (TaskState.FAILED, TaskState.CANCELLED)
 
 
 def _task(ref: str) -> TrainTask:
