@@ -57,24 +57,15 @@ LOGIN_TOKEN_NAME = "login"  # noqa: S105 - a label, not a secret
 
 
 def user_record(user: User) -> UserRecord:
-    return UserRecord(
-        id=user.id, username=user.username, is_admin=user.is_admin, created_at=user.created_at
-    )
+    return UserRecord.model_validate(user, from_attributes=True)
 
 
 def project_record(project: Project) -> ProjectRecord:
-    return ProjectRecord(
-        id=project.id,
-        name=project.name,
-        is_default=project.is_default,
-        created_at=project.created_at,
-    )
+    return ProjectRecord.model_validate(project, from_attributes=True)
 
 
 def token_record(token: Token) -> TokenRecord:
-    return TokenRecord(
-        id=token.id, name=token.name, created_at=token.created_at, expires_at=token.expires_at
-    )
+    return TokenRecord.model_validate(token, from_attributes=True)
 
 
 def create_user(session: Session, username: str, password: str, *, is_admin: bool) -> User:

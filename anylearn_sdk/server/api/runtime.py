@@ -44,7 +44,7 @@ DEFAULT_QUOTA_GROUP = "default"
 
 
 def mirror_record(m: Mirror) -> MirrorRecord:
-    return MirrorRecord(id=m.id, name=m.name, python=m.python)
+    return MirrorRecord.model_validate(m, from_attributes=True)
 
 
 def quota_group_record(g: QuotaGroup, usage: dict | None = None) -> QuotaGroupRecord:

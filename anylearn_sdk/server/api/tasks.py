@@ -72,35 +72,9 @@ _RECORDS = TypeAdapter(list[TaskRecord])
 
 
 def task_record(t: TrainTask, inputs: list[TaskInput] | None = None) -> TaskRecord:
-    return TaskRecord(
-        id=t.id,
-        name=t.name,
-        description=t.description,
-        state=t.state,
-        project_id=t.project_id,
-        algorithm_id=t.algorithm_id,
-        commit=t.commit,
-        entrypoint=t.entrypoint,
-        hyperparams=t.hyperparams,
-        hyperparams_prefix=t.hyperparams_prefix,
-        hyperparams_delimiter=t.hyperparams_delimiter,
-        mounts=t.mounts,
-        output=t.output,
-        mirror_id=t.mirror_id,
-        quota_group_id=t.quota_group_id,
-        request=t.request,
-        num_nodes=t.num_nodes,
-        nproc_per_node=t.nproc_per_node,
-        command=t.command,
-        exit_code=t.exit_code,
-        attempt=t.attempt,
-        runtime=t.runtime or {},
-        error=t.error,
-        created_at=t.created_at,
-        started_at=t.started_at,
-        finished_at=t.finished_at,
-        inputs=inputs or [],
-    )
+    """The wire record of a task row (its columns, read by name), with ``inputs``."""
+    record = TaskRecord.model_validate(t, from_attributes=True)
+    return record.model_copy(update={"inputs": inputs}) if inputs else record
 
 
 def owned_task(session: Session, user: User, task_id: str) -> TrainTask:
