@@ -5,7 +5,7 @@
 Starts a backend of its own in a temporary folder, creates the tasks (one quick_train, then
 plain API calls with the same commit) in a quota group of one CPU, so while it measures some
 tasks have finished with a log, one runs and the rest wait. Then it calls the CLI's own
-refresh (``fetch_summary``) repeatedly and reads the server's share of each from the
+refresh (``list_train_tasks``) repeatedly and reads the server's share of each from the
 ``Server-Timing`` header. It counts the HTTP requests each refresh sends (target: 1) and
 prints the median and 95th percentile of server time (target: under 100 ms), next to a
 reference measured in the same run: the same rows read straight from the SQLite file with
@@ -29,8 +29,7 @@ from pathlib import Path
 
 import requests
 
-from anylearn_sdk import init_sdk, quick_train
-from anylearn_sdk.cli.tasks import fetch_summary
+from anylearn_sdk import init_sdk, list_train_tasks, quick_train
 from anylearn_sdk.server.api.tasks import last_line
 from anylearn_sdk.session import get_context
 
@@ -74,7 +73,7 @@ def create_tasks(url: str, token: str, count: int, work: Path) -> None:
         algorithm_dir=algo, entrypoint="python job.py", quota_group_name="bench", progress=False
     )[0]
     body = {
-        key: first.data[key]
+        key: getattr(first.record, key)
         for key in ("algorithm_id", "commit", "entrypoint", "mirror_id", "quota_group_id")
     }
     with requests.Session() as session:
@@ -90,7 +89,7 @@ def reference_ms(data_dir: Path, limit: int) -> float:
     start = time.perf_counter()
     db = sqlite3.connect(data_dir / "anylearn-server.db")
     rows = db.execute(
-        "SELECT t.id, t.name, t.state, g.name, t.attempt, t.exit_code, t.created_at, "
+        "SELECT t.id, t.name, t.state, g.name, t.attempt, t.exit_code, t.error, t.created_at, "
         "t.started_at, t.finished_at FROM train_tasks t JOIN quota_groups g "
         "ON g.id = t.quota_group_id ORDER BY t.created_at DESC LIMIT ?",
         (limit,),
@@ -123,7 +122,7 @@ def main() -> int:
         for _ in range(args.refreshes):
             before = len(timings)
             t0 = time.perf_counter()
-            rows = fetch_summary(args.tasks)
+            rows = list_train_tasks(limit=args.tasks)
             round_trip_ms.append((time.perf_counter() - t0) * 1000)
             requests_per_refresh.append(len(timings) - before)
             server_ms.append(sum(timings[before:]))
@@ -131,8 +130,8 @@ def main() -> int:
             time.sleep(0.1)
         states: dict[str, int] = {}
         for row in rows:
-            states[row["state"]] = states.get(row["state"], 0) + 1
-        with_log = sum(1 for row in rows if row["last_line"])
+            states[row.state.value] = states.get(row.state.value, 0) + 1
+        with_log = sum(1 for row in rows if row.last_line)
         print(f"last refresh: {len(rows)} rows, {with_log} with a log line, states {states}")
 
         def p95(values: list[float]) -> float:
