@@ -55,6 +55,8 @@ def missing_objects(body: DigestList, user: CurrentUser, session: DB, ctx: Ctx) 
 def resource_record(
     res: Resource, *, missing: list[str] | None = None, manifest: bool = False
 ) -> ResourceRecord:
+    """The wire record of a version. Built field by field, not from the row's attributes: the
+    manifest is a deferred column (megabytes for 20,000 files) read only when asked for."""
     return ResourceRecord(
         id=res.id,
         kind=res.kind,
