@@ -101,15 +101,10 @@ class TqdmProgress:
         tqdm.write(text, file=sys.stderr)
 
 
-def progress_disabled() -> bool:
-    """``ANYLEARN_DISABLE_PROGRESS_BARS`` (a boolean, see :mod:`anylearn_sdk.config`)."""
-    return progress_bars_disabled()
-
-
 def resolve_progress(progress: bool | ProgressCallback | None) -> ProgressCallback:
     """``True``/None → tqdm (bars unless disabled by the environment); ``False`` → silent."""
     if progress is None or progress is True:
-        return TqdmProgress(bars=not progress_disabled())
+        return TqdmProgress(bars=not progress_bars_disabled())
     if progress is False:
         return SilentProgress()
     return progress

@@ -227,10 +227,8 @@ def quick_train(
         )
     output = check_output(output, alg_dir)
     params = _check_hyperparams(hyperparams)
-    if quota_group_request is not None and not isinstance(quota_group_request, Mapping):
-        raise InvalidArgumentError("quota_group_request must be a dict such as {'cpu': 2}")
-    amounts = check_amounts("quota_group_request", dict(quota_group_request or {}))
-    request = amounts.model_dump() if quota_group_request is not None and amounts else None
+    amounts = check_amounts("quota_group_request", quota_group_request)
+    request = amounts.model_dump() if amounts is not None else None
     _positive(num_nodes, "num_nodes", integer=True)
     _positive(nproc_per_node, "nproc_per_node", integer=True)
     _positive(resource_polling, "resource_polling", integer=False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from anylearn_sdk.client.http import make_body
 from anylearn_sdk.errors import InvalidArgumentError
 from anylearn_sdk.session import SdkContext, get_context
@@ -81,14 +84,18 @@ def resolve_mirror(ctx: SdkContext, name: str) -> Mirror:
     return _by_name(list_mirrors(context=ctx), "mirror", "mirror_name", name)
 
 
-def check_amounts(arg: str, values: dict | None) -> Amounts | None:
-    """``values`` (``{"cpu", "memory_mb", "gpu"}``, missing keys 0) as :class:`Amounts`.
+def check_amounts(arg: str, values: Mapping[str, Any] | None) -> Amounts | None:
+    """``values`` (``{"cpu", "memory_mb", "gpu"}``, missing keys 0) as :class:`Amounts`, or
+    None when ``values`` is None.
 
     Raises:
-        InvalidArgumentError: an unknown key, a negative amount, a fractional GPU or MiB.
+        InvalidArgumentError: not a mapping, an unknown key, a negative amount, a fractional
+            GPU or MiB.
     """
     if values is None:
         return None
+    if not isinstance(values, Mapping):
+        raise InvalidArgumentError(f"{arg} must be a dict such as {{'cpu': 2}}, got {values!r}")
     unknown = sorted(set(values) - set(RESOURCE_KEYS))
     if unknown:
         raise InvalidArgumentError(

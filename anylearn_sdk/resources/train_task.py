@@ -214,14 +214,15 @@ class TrainTask:
         self._load()
         return self
 
-    def failure(self) -> TaskFailedError | None:
-        """The error describing how the task ended, if it ended FAILED or CANCELLED."""
+    def failure(self, hint: str = "") -> TaskFailedError | None:
+        """The error describing how the task ended, if it ended FAILED or CANCELLED (its
+        message ends with ``hint``, what the caller may do instead, when given)."""
         record = self.record
         if record.state not in (TaskState.FAILED, TaskState.CANCELLED):
             return None
         reason = record.error or "no reason recorded"
         return TaskFailedError(
-            f"task {self.id} {record.state.value}: {reason}",
+            f"task {self.id} {record.state.value}: {reason}" + (f"; {hint}" if hint else ""),
             task_id=self.id,
             state=record.state,
             reason=record.error,
@@ -411,14 +412,9 @@ class TrainTask:
             raise InvalidArgumentError(f"dest {str(dest)!r} exists and is not a folder")
         if not allow_partial:
             state = self.refresh().state
-            failure = self.failure()
+            failure = self.failure("pass allow_partial=True (--partial) for what it left")
             if failure is not None:
-                raise TaskFailedError(
-                    f"{failure}; pass allow_partial=True (--partial) for what it left",
-                    task_id=self.id,
-                    state=state,
-                    reason=failure.reason,
-                )
+                raise failure
             if not state.is_terminal:
                 raise TaskStateError(
                     f"task {self.id} is {state.value}; wait for it, or pass allow_partial=True "
