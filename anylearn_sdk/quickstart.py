@@ -241,7 +241,7 @@ def quick_train(
     # 2. Resolve every name and id on the server (read-only).
     ctx = get_context()
     group = resolve_quota_group(ctx, quota_group_name or DEFAULT_QUOTA_GROUP)
-    group.check_fits(request)
+    group.check_fits(request, num_nodes)
     mirror = resolve_mirror(ctx, mirror_name)
     found_project, new_project_name = find_project(ctx, project_id, project_name)
     existing_datasets = [get_ready(ctx, "dataset", i, "dataset_id") for i in dataset_ids]

@@ -179,12 +179,16 @@ def repo_state(repo: Path) -> dict:
     }
 
 
-def start_server(data_dir: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen, str]:
-    """A backend process of the test's own (``args`` are extra options); returns it and its URL."""
+def start_server(
+    data_dir: Path, *args: str, port: int = 0, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A backend process of the test's own (``args`` are extra options, ``env`` its variables
+    instead of the test's); returns it and its URL."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
          "--port", str(port), *args],
         stderr=subprocess.DEVNULL,
+        env=env,
     )  # fmt: skip
     address = data_dir / "server.json"
     deadline = time.monotonic() + 30

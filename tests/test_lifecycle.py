@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from anylearn_sdk import ResourceState, TaskState, init_sdk, quick_train
-from anylearn_sdk.errors import ConflictError, InvalidArgumentError
+from anylearn_sdk.errors import BadRequestError, ConflictError, InvalidArgumentError
 from tests.conftest import admin_token, start_server, wait_for_log
 
 pytestmark = pytest.mark.integration
@@ -167,6 +170,19 @@ def test_gpus_are_assigned_by_index(tmp_path):
         assert third.refresh().state == TaskState.QUEUED  # both GPUs are taken
         with pytest.raises(InvalidArgumentError, match=r"exceeds quota group 'gpus' capacity"):
             submit(3)
+        requests.post(
+            f"{url}/api/v1/quota-groups",
+            json={"name": "more-than-there-are", "capacity": {"cpu": 8, "gpu": 8}},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        ).raise_for_status()
+        with pytest.raises(BadRequestError, match=r"never be placed: gpu 3: .* has 2 GPU"):
+            quick_train(
+                algorithm_dir=folder,
+                entrypoint="python gpu.py",
+                quota_group_name="more-than-there-are",
+                quota_group_request={"cpu": 1, "gpu": 3},
+            )
         release.touch()
         for task in (first, second, third, none):
             assert task.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
@@ -255,3 +271,45 @@ def test_results_become_inputs(user, tmp_path, quota_group):
     assert failed.wait(timeout=60, poll_interval=0.2) == TaskState.FAILED
     with pytest.raises(ConflictError, match=r"is FAILED; only a SUCCEEDED task's results"):
         failed.register_model()
+
+
+def test_a_slow_checkout_never_delays_a_cancel(tmp_path):
+    """The checkout runs on the executor's threads, outside the scheduler's lock: while it
+    hangs, the task is QUEUED and a cancel answers; released, it never runs."""
+    wrapper = tmp_path / "bin" / "git"
+    wrapper.parent.mkdir()
+    started, release = tmp_path / "checkout-started", tmp_path / "release"
+    wrapper.write_text(
+        textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$3" = read-tree ]; then  # git --git-dir REPO read-tree SHA
+            touch {started}
+            while [ ! -e {release} ]; do sleep 0.05; done
+        fi
+        exec {shutil.which("git")} "$@"
+    """)
+    )
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}"}
+    data_dir = tmp_path / "server"
+    server, url = start_server(data_dir, env=env)
+    try:
+        init_sdk(url, token=admin_token(data_dir))
+        folder = algorithm(tmp_path, "algo", {"train.py": "print('ran', flush=True)\n"})
+        hung = quick_train(algorithm_dir=folder, entrypoint="python train.py")[0]
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the checkout did not start"
+        assert hung.refresh().state == TaskState.QUEUED  # admitted, being prepared
+        hung.cancel()
+        assert hung.refresh().state == TaskState.CANCELLED
+        release.touch()
+        after = quick_train(algorithm_dir=folder, entrypoint="python train.py")[0]
+        assert after.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+        assert hung.refresh().state == TaskState.CANCELLED
+        assert "running:" not in hung.logs()[0]
+        assert hung.command is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

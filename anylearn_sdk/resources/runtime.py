@@ -23,21 +23,23 @@ class QuotaGroup(QuotaGroupRecord):
     """A capacity pool (``capacity`` and ``default_request`` in cores, MiB and GPUs), and what
     its tasks hold now (``allocated``, ``running``, ``queued``)."""
 
-    def check_fits(self, request: dict | None) -> dict:
-        """The request a task gets (``request``, or the group's default), if the group could
-        ever hold it.
+    def check_fits(self, request: dict | None, num_nodes: int = 1) -> dict:
+        """The request a task gets (``request`` per node, or the group's default), if the
+        group could ever hold ``num_nodes`` times it.
 
         Raises:
             InvalidArgumentError: a resource is asked for beyond the group's whole capacity,
                 so the task would wait forever (the server refuses it the same way).
         """
         wanted = dict(self.default_request.model_dump() if request is None else request)
+        total = {k: v * num_nodes for k, v in wanted.items()}
         capacity = self.capacity.model_dump()
-        over = [k for k, v in wanted.items() if v > capacity.get(k, 0)]
+        over = [k for k, v in total.items() if v > capacity.get(k, 0)]
         if over:
-            shown = ", ".join(f"{k}={wanted[k]:g} > {capacity.get(k, 0):g}" for k in over)
+            shown = ", ".join(f"{k}={total[k]:g} > {capacity.get(k, 0):g}" for k in over)
+            nodes = f" on {num_nodes} nodes" if num_nodes > 1 else ""
             raise InvalidArgumentError(
-                f"quota_group_request exceeds quota group {self.name!r} capacity ({shown})"
+                f"quota_group_request{nodes} exceeds quota group {self.name!r} capacity ({shown})"
             )
         return wanted
 

@@ -32,6 +32,7 @@ from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT, Environments
 from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
+from anylearn_sdk.server.workspace import Workspace
 from anylearn_sdk.states import ErrorCode
 from anylearn_sdk.wire import API_PREFIX, TUS_VERSION, Health
 
@@ -106,16 +107,20 @@ def build_context(
     engine = make_engine(database_url or f"sqlite:///{data_dir / DATABASE_FILE}")
     sessions = make_sessionmaker(engine)
     objects = ObjectStore(paths.objects)
-    scheduler = Scheduler(
+    workspace = Workspace(
         sessions=sessions,
         objects=objects,
         repos_root=paths.repos,
         tasks_root=paths.tasks,
         materialized_root=paths.materialized,
-        executor=LocalExecutor(),
         environments=Environments(paths.environments, build_timeout=build_timeout),
+    )
+    executor = LocalExecutor(workspace, gpus=detect_gpus() if gpus is None else gpus)
+    scheduler = Scheduler(
+        sessions=sessions,
+        tasks_root=paths.tasks,
+        executor=executor,
         max_restarts=max_restarts,
-        gpus=detect_gpus() if gpus is None else gpus,
     )
     id_file = paths.root / SERVER_ID_FILE
     if not id_file.exists():
@@ -128,7 +133,7 @@ def build_context(
         server_id=id_file.read_text().strip(),
         upload_expiry=upload_expiry,
     )
-    ensure_defaults(ctx, gpus=scheduler.gpus)
+    ensure_defaults(ctx, gpus=executor.gpus)
     return ctx
 
 

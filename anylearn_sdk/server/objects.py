@@ -200,8 +200,9 @@ class ObjectStore:
         """Lay out a manifest's files under ``dest`` read-only, hard-linking the stored objects.
 
         Built in a sibling temporary folder and renamed into place, so ``dest`` either does not
-        exist or is complete. Executable files are copied (mode 0o555) since a hard link
-        shares the object's read-only 0o444 mode. Folders end read-only (0o555).
+        exist or is complete (two threads may lay out the same one; the first rename wins).
+        Executable files are copied (mode 0o555) since a hard link shares the object's
+        read-only 0o444 mode. Folders end read-only (0o555).
         """
         if dest.exists():
             return
@@ -224,7 +225,14 @@ class ObjectStore:
                 os.chmod(target, 0o444)
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             os.chmod(d, 0o555)  # noqa: S103 - read-only folder
-        os.rename(staging, dest)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            # Another thread laid out the same manifest first; its copy is as good.
+            make_writable(staging)
+            shutil.rmtree(staging)
 
 
 def make_writable(root: Path) -> None:

@@ -1,52 +1,53 @@
-"""The scheduler thread: admits QUEUED tasks when their quota group has room, watches RUNNING.
+"""The scheduler thread: admits QUEUED tasks when their quota group has room, follows them.
 
 Admission is first-come first-served per quota group: when the oldest queued task of a group
 does not fit, no younger task of that group starts ahead of it. Every state change of a task
 after creation happens here or in :meth:`Scheduler.cancel`, under one lock, so the API and the
-loop never race on a task.
+loop never race on a task. The scheduler knows executors only through their interface
+(:mod:`anylearn_sdk.server.executors.base`): it submits an admitted task and turns what
+:meth:`~Executor.poll` reports into states. An admitted task stays QUEUED, its quota held,
+while its executor prepares and places it (slow work on the executor's threads, outside this
+lock), and becomes RUNNING when the executor reports it started.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from anylearn_sdk.protocol import (
-    MOUNT_ENV_VARS,
-    ManifestEntry,
-    format_hyperparams,
-    substitute_placeholders,
+from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask, utcnow
+from anylearn_sdk.server.executors.base import (
+    Executor,
+    Exited,
+    Failed,
+    Lost,
+    Preparing,
+    Running,
+    RunSpec,
 )
-from anylearn_sdk.server import gitrepos
-from anylearn_sdk.server.db import Mirror, QuotaGroup, Resource, TrainTask, utcnow
-from anylearn_sdk.server.environments import (
-    REQUIREMENTS_FILE,
-    EnvironmentBuildError,
-    Environments,
-)
-from anylearn_sdk.server.executors.base import Executor, RunSpec
-from anylearn_sdk.server.executors.local import LOST, kill_stale, write_python_shim
 from anylearn_sdk.server.failures import failure_reason
-from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.states import ResourceState, TaskState
+from anylearn_sdk.server.workspace import TaskPaths
+from anylearn_sdk.states import TaskState
 from anylearn_sdk.wire import RESOURCE_KEYS
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
-#: Variables of the server's environment that a task inherits; nothing else leaks (no tokens).
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER")
 #: Times a task whose processes were lost is run again before it fails.
 DEFAULT_MAX_RESTARTS = 2
+
+
+def held(request: dict, num_nodes: int) -> dict[str, float]:
+    """What a task holds of its quota group: its request is per node, so ``num_nodes`` times
+    it (each node of a Ray task reserves the whole request)."""
+    return {k: request.get(k, 0) * num_nodes for k in RESOURCE_KEYS}
 
 
 def fits(request: dict, allocated: dict, capacity: dict) -> bool:
@@ -54,43 +55,26 @@ def fits(request: dict, allocated: dict, capacity: dict) -> bool:
     return all(allocated.get(k, 0) + request.get(k, 0) <= capacity.get(k, 0) for k in RESOURCE_KEYS)
 
 
-class TaskPaths:
-    """A task's working directory: ``tasks/<id>/{code,task.log,.anylearn}``."""
-
-    LOG_NAME = "task.log"
-
-    def __init__(self, tasks_root: Path, task: TrainTask):
-        self.root = tasks_root / task.id
-        self.code = self.root / "code"
-        self.log = self.root / self.LOG_NAME
-        self.bin = self.root / ".anylearn" / "bin"
-        self.status = self.root / ".anylearn" / "status"
-        self.output = self.code / task.output
-
-    def note(self, text: str) -> None:
-        """Append ``[anylearn] text`` to the task's log, if its folder exists."""
-        if self.root.is_dir():
-            with open(self.log, "a", encoding="utf-8") as f:
-                f.write(f"[anylearn] {text}\n")
-
-
-def _search_path(*dirs: Path) -> str:
-    """``PATH`` for a task: ``dirs`` first, then the server's own ``PATH``."""
-    return os.pathsep.join([*map(str, dirs), os.environ.get("PATH", "/usr/bin:/bin")])
-
-
-@dataclass
-class _Prepared:
-    """A task checked out and ready to start once its environment (if any) is built."""
-
-    spec: RunSpec
-    python: str  # the mirror's interpreter
-    environment: str | None  # the environment's key; None without a requirements.txt
-    build: Future[Path] | None
-
-
-class PrepareError(RuntimeError):
-    """The task cannot start (bad commit, output path taken in the commit, missing data)."""
+def run_spec(session: Session, task: TrainTask) -> RunSpec:
+    """What the executor runs for the current attempt of ``task``."""
+    group = session.get(QuotaGroup, task.quota_group_id)
+    return RunSpec(
+        task_id=task.id,
+        attempt=task.attempt,
+        algorithm_id=task.algorithm_id,
+        commit=task.commit,
+        entrypoint=task.entrypoint,
+        hyperparams=dict(task.hyperparams),
+        hyperparams_prefix=task.hyperparams_prefix,
+        hyperparams_delimiter=task.hyperparams_delimiter,
+        output=task.output,
+        mounts=dict(task.mounts),
+        python=session.get(Mirror, task.mirror_id).python,
+        request=dict(task.request),
+        num_nodes=task.num_nodes,
+        nproc_per_node=task.nproc_per_node,
+        quota_group=group.name if group is not None else "",
+    )
 
 
 class Scheduler:
@@ -98,26 +82,16 @@ class Scheduler:
         self,
         *,
         sessions: sessionmaker,
-        objects: ObjectStore,
-        repos_root: Path,
         tasks_root: Path,
-        materialized_root: Path,
         executor: Executor,
-        environments: Environments,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
-        gpus: int = 0,
     ):
         self.sessions = sessions
-        self.objects = objects
-        self.repos_root = repos_root
         self.tasks_root = tasks_root
-        self.materialized_root = materialized_root
         self.executor = executor
-        self.environments = environments
         self.max_restarts = max_restarts
-        self.gpus = gpus
-        # Tasks prepared and waiting for their environment.
-        self._pending: dict[str, _Prepared] = {}
+        # Tasks submitted to the executor and not yet RUNNING (QUEUED, their quota held).
+        self._admitted: set[str] = set()
         # Set when something changed that may let a queued task start.
         self._admission_due = True
         self.lock = threading.RLock()
@@ -126,6 +100,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        executor.listen(self._wake.set)
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,7 +114,6 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.background.shutdown(wait=True)
-        self.environments.shutdown()
         self.executor.shutdown()
 
     def add_periodic(self, interval: float, job: Callable[[], object]) -> None:
@@ -175,27 +149,21 @@ class Scheduler:
     def recover(self) -> None:
         """Follow again the tasks that were RUNNING when the server last stopped.
 
-        Their processes outlive the server (each rank leads its own session). A task whose
-        ranks were recorded is attached to, and the next ticks see it run on, end with its
-        exit code, or be lost (then re-queued, see :meth:`_lost`). Rows from before ranks
-        were recorded have only pids: those processes are ended and the task is lost.
+        Their processes outlive the server. The executor attaches to each from the handle it
+        gave when the task started, and the next ticks see the task run on, end, or be lost
+        (then re-queued, see :meth:`_lost`).
         """
         with self.lock, self.sessions() as session:
             for task in session.scalars(
                 select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
             ):
-                recorded = task.pids or []
-                if recorded and all(isinstance(r, dict) for r in recorded):
-                    self.executor.attach(task.id, recorded)
-                else:
-                    kill_stale(task.id, [int(p) for p in recorded])
-                    self._lost(session, task)
-            session.commit()
+                self.executor.attach(task.id, task.pids)
 
-    def _lost(self, session: Session, task: TrainTask) -> None:
-        """A running task's processes vanished without an exit status (its process group was
-        killed, or the machine restarted): run it again in the same working directory, so a
-        script that checkpoints into its output resumes, up to ``max_restarts`` times."""
+    def _lost(self, session: Session, task: TrainTask, reason: str) -> None:
+        """A task's processes vanished without an exit status (``reason``: its node died, its
+        process group was killed, the machine restarted): run it again in the same working
+        directory, so a script that checkpoints into its output resumes, up to
+        ``max_restarts`` times."""
         if task.attempt > self.max_restarts:
             self._finish(
                 session,
@@ -203,11 +171,12 @@ class Scheduler:
                 TaskState.FAILED,
                 None,
                 f"its processes were lost on attempt {task.attempt} "
-                f"(max_restarts={self.max_restarts})",
+                f"(max_restarts={self.max_restarts}): {reason}",
             )
             return
-        TaskPaths(self.tasks_root, task).note(
-            f"attempt {task.attempt} lost its processes; queued again as attempt {task.attempt + 1}"
+        TaskPaths.of(self.tasks_root, task).note(
+            f"attempt {task.attempt} lost its processes ({reason}); "
+            f"queued again as attempt {task.attempt + 1}"
         )
         task.attempt += 1
         task.state = TaskState.QUEUED.value
@@ -215,59 +184,85 @@ class Scheduler:
 
     # one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Follow running tasks; then, if anything changed that could let a queued task start
-        (a task created, ended or cancelled, an environment being built), admit what fits."""
+        """Follow admitted and running tasks; then, if anything changed that could let a queued
+        task start (a task created, ended or cancelled), admit what fits."""
         with self.lock, self.sessions() as session:
             allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-            gpus_in_use: set[int] = set()
 
-            def hold(group: str, request: dict, gpus: list[int]) -> None:
-                for k in RESOURCE_KEYS:
-                    allocated[group][k] += request.get(k, 0)
-                gpus_in_use.update(gpus)
+            def hold(task: TrainTask) -> None:
+                for k, amount in held(task.request, task.num_nodes).items():
+                    allocated[task.quota_group_id][k] += amount
 
-            for task in session.scalars(
-                select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
-            ):
-                code = self.executor.poll(task.id)
-                if code is None:
-                    hold(task.quota_group_id, task.request, task.runtime.get("gpus") or [])
-                    continue
-                self._admission_due = True
-                if code == LOST:
-                    self._lost(session, task)
-                elif code == 0:
-                    self._finish(session, task, TaskState.SUCCEEDED, 0, None)
+            followed = session.scalars(
+                select(TrainTask).where(
+                    (TrainTask.state == TaskState.RUNNING) | TrainTask.id.in_(self._admitted)
+                )
+            ).all()
+            for task in followed:
+                if self._follow(session, task):
+                    hold(task)
                 else:
-                    reason = failure_reason(TaskPaths(self.tasks_root, task).log, code)
-                    self._finish(session, task, TaskState.FAILED, code, reason)
+                    self._admitted.discard(task.id)
+                    self._admission_due = True
             session.commit()
-            if not (self._admission_due or self._pending):
+            if not self._admission_due:
                 return
             self._admission_due = False
             capacity = {g.id: g.capacity for g in session.scalars(select(QuotaGroup))}
             blocked: set[str] = set()
-            queued = session.execute(
-                select(TrainTask.id, TrainTask.quota_group_id, TrainTask.request)
-                .where(TrainTask.state == TaskState.QUEUED)
+            queued = session.scalars(
+                select(TrainTask)
+                .where(TrainTask.state == TaskState.QUEUED, TrainTask.id.not_in(self._admitted))
                 .order_by(TrainTask.created_at)
             ).all()
-            for task_id, group, request in queued:
+            for task in queued:
+                group = task.quota_group_id
                 if group in blocked:
                     continue
-                free_gpus = [i for i in range(self.gpus) if i not in gpus_in_use]
-                wanted_gpus = int(request.get("gpu", 0))
-                if wanted_gpus > len(free_gpus) or not fits(
-                    request, allocated[group], capacity.get(group, {})
+                spec = run_spec(session, task)
+                if not (
+                    fits(held(task.request, task.num_nodes), allocated[group], capacity.get(group))
+                    and self.executor.has_room(spec)
                 ):
                     blocked.add(group)
                     continue
-                task = session.get(TrainTask, task_id)
-                self._launch(session, task, free_gpus[:wanted_gpus])
-                if task.state in (TaskState.RUNNING, TaskState.QUEUED):
-                    # running, or prepared and waiting for its environment
-                    hold(group, request, free_gpus[:wanted_gpus])
-                session.commit()
+                self.executor.submit(spec)
+                self._admitted.add(task.id)
+                hold(task)
+                # Preparation may be quick (no environment to build): follow it at once.
+                self._wake.set()
+
+    def _follow(self, session: Session, task: TrainTask) -> bool:
+        """Turn what the executor reports for ``task`` into its state; True while it holds
+        its quota (preparing or running)."""
+        status = self.executor.poll(task.id)
+        match status:
+            case Preparing(runtime=runtime):
+                if runtime is not None and runtime != task.runtime:
+                    task.runtime = runtime  # names the environment while it is built
+                return True
+            case Running(handle=handle, command=command, runtime=runtime):
+                if handle is not None:
+                    task.pids = handle
+                if task.state != TaskState.RUNNING:
+                    task.state = TaskState.RUNNING.value
+                    task.started_at = utcnow()
+                    task.command = command
+                    task.runtime = runtime or {}
+                    self._admitted.discard(task.id)
+                return True
+            case Exited(code=0):
+                self._finish(session, task, TaskState.SUCCEEDED, 0, None)
+            case Exited(code=code):
+                reason = failure_reason(TaskPaths.of(self.tasks_root, task).log, code)
+                self._finish(session, task, TaskState.FAILED, code, reason)
+            case Lost(reason=reason):
+                self._lost(session, task, reason)
+            case Failed(reason=reason, runtime=runtime):
+                if runtime is not None:
+                    task.runtime = runtime
+                self._finish(session, task, TaskState.FAILED, None, reason)
+        return False
 
     def _finish(
         self,
@@ -281,139 +276,21 @@ class Scheduler:
         task.exit_code = code
         task.error = error
         task.finished_at = utcnow()
-        TaskPaths(self.tasks_root, task).note(
+        TaskPaths.of(self.tasks_root, task).note(
             f"task {state.value}" + (f": {error}" if error else "")
         )
 
-    # starting a task -----------------------------------------------------------------------
-    def _launch(self, session: Session, task: TrainTask, gpus: list[int]) -> None:
-        """Prepare ``task`` (once), wait for its environment, then start it on ``gpus``.
-
-        A task whose environment is still being built stays QUEUED, and the caller keeps its
-        request (and these GPUs) reserved, so no younger task of its group overtakes it.
-        """
-        paths = TaskPaths(self.tasks_root, task)
-        if task.id not in self._pending:
-            try:
-                self._pending[task.id] = self._prepare(session, task, paths)
-            except PrepareError as err:
-                self._finish(session, task, TaskState.FAILED, None, str(err))
-                return
-            # The record names its environment while it is built, and if the build fails.
-            task.runtime = {"environment": self._pending[task.id].environment}
-        prepared = self._pending[task.id]
-        spec, python = prepared.spec, prepared.python
-        if prepared.build is not None:
-            if not prepared.build.done():
-                return
-            try:
-                venv = prepared.build.result()
-            except EnvironmentBuildError as err:
-                del self._pending[task.id]
-                self._finish(session, task, TaskState.FAILED, None, str(err))
-                return
-            python = str(venv / "bin" / "python")
-            spec.env.update(PATH=_search_path(paths.bin, venv / "bin"), VIRTUAL_ENV=str(venv))
-        del self._pending[task.id]
-        write_python_shim(paths.bin, python)
-        spec.env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        task.runtime = {
-            "environment": prepared.environment,
-            "python": python,
-            "gpus": gpus,
-            "env": spec.env,
-        }
-        paths.note(f"running: {spec.command}")
-        task.command = spec.command
-        task.pids = self.executor.start(spec)
-        task.state = TaskState.RUNNING.value
-        task.started_at = utcnow()
-
-    def _mount_path(self, session: Session, kind: str, ref: str) -> Path:
-        if kind == "pretrain":
-            earlier = session.get(TrainTask, ref)
-            if earlier is None:
-                raise PrepareError(f"pretrain task {ref} no longer exists")
-            return TaskPaths(self.tasks_root, earlier).output
-        res = session.get(Resource, ref)
-        if res is None or res.state != ResourceState.READY:
-            raise PrepareError(f"{kind} {ref} is not READY")
-        dest = self.materialized_root / res.id
-        self.objects.materialize((ManifestEntry.from_json(e) for e in res.manifest), dest)
-        return dest
-
-    def _checkout(self, task: TrainTask, paths: TaskPaths) -> None:
-        try:
-            gitrepos.checkout(self.repos_root / f"{task.algorithm_id}.git", task.commit, paths.code)
-        except RuntimeError as err:
-            raise PrepareError(str(err)) from err
-        if paths.output.is_symlink() or (paths.output.exists() and any(paths.output.iterdir())):
-            raise PrepareError(
-                f"output {task.output!r} exists in commit {task.commit} and is not empty"
-            )
-        paths.output.mkdir(parents=True, exist_ok=True)
-
-    def _prepare(self, session: Session, task: TrainTask, paths: TaskPaths) -> _Prepared:
-        """Check out the code, materialize the mounts, build the command line, and start (or
-        join) the build of the environment its requirements.txt asks for."""
-        paths.root.mkdir(parents=True, exist_ok=True)
-        if task.attempt > 1 and paths.code.is_dir():
-            # A re-run continues in the working directory it was lost in, output included.
-            paths.note(f"attempt {task.attempt}, in the same working directory")
-        else:
-            self._checkout(task, paths)
-
-        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-        env["PATH"] = _search_path(paths.bin)
-        env.update(PYTHONUNBUFFERED="1", ANYLEARN_TASK_ID=task.id)
-        env[MOUNT_ENV_VARS["output"]] = str(paths.output)
-
-        mount_params: dict[str, str] = {}
-        for kind in ("dataset", "model", "pretrain"):
-            mount = task.mounts.get(kind) or {}
-            ids = mount.get("ids") or []
-            if not ids:
-                continue
-            value = ",".join(str(self._mount_path(session, kind, ref)) for ref in ids)
-            env[MOUNT_ENV_VARS[kind]] = value
-            if mount.get("hyperparam_name"):
-                mount_params[mount["hyperparam_name"]] = value
-
-        hyperparams = {k: substitute_placeholders(str(v), env) for k, v in task.hyperparams.items()}
-        for name, value in mount_params.items():
-            hyperparams.setdefault(name, value)
-        words = format_hyperparams(hyperparams, task.hyperparams_prefix, task.hyperparams_delimiter)
-        command = " ".join([substitute_placeholders(task.entrypoint, env), *words])
-        spec = RunSpec(
-            task_id=task.id,
-            cwd=paths.code,
-            command=command,
-            env=env,
-            log_path=paths.log,
-            status_dir=paths.status,
-            num_nodes=task.num_nodes,
-            nproc_per_node=task.nproc_per_node,
-        )
-        python = session.get(Mirror, task.mirror_id).python
-        requirements = paths.code / REQUIREMENTS_FILE
-        if not requirements.is_file():
-            return _Prepared(spec, python, None, None)
-        try:
-            key, build = self.environments.ensure(python, requirements, paths.log)
-        except OSError as err:
-            raise PrepareError(f"cannot read {REQUIREMENTS_FILE}: {err}") from err
-        return _Prepared(spec, python, key, build)
-
     # cancel --------------------------------------------------------------------------------
     def cancel(self, task_id: str) -> None:
-        """Cancel a task: a QUEUED one never starts; a RUNNING one has every rank ended."""
+        """Cancel a task: a QUEUED one never starts (its preparation is dropped); a RUNNING one
+        has every rank ended."""
         with self.lock, self.sessions() as session:
             task = session.get(TrainTask, task_id)
             if task is None or TaskState(task.state).is_terminal:
                 return
-            if task.state == TaskState.RUNNING:
+            if task.state == TaskState.RUNNING or task.id in self._admitted:
                 self.executor.cancel(task.id)
-            self._pending.pop(task.id, None)
+            self._admitted.discard(task.id)
             self._finish(session, task, TaskState.CANCELLED, None, "cancelled by the user")
             session.commit()
         self.wake()

@@ -26,6 +26,7 @@ from anylearn_sdk.server.context import (
     not_found,
 )
 from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask
+from anylearn_sdk.server.scheduler import held
 from anylearn_sdk.states import ErrorCode, TaskState
 from anylearn_sdk.wire import (
     RESOURCE_KEYS,
@@ -64,16 +65,16 @@ def _usage(session: Session) -> dict[str, dict]:
     )
     active = (TaskState.RUNNING.value, TaskState.QUEUED.value)
     rows = session.execute(
-        select(TrainTask.quota_group_id, TrainTask.state, TrainTask.request).where(
-            TrainTask.state.in_(active)
-        )
+        select(
+            TrainTask.quota_group_id, TrainTask.state, TrainTask.request, TrainTask.num_nodes
+        ).where(TrainTask.state.in_(active))
     )
-    for group_id, state, request in rows:
+    for group_id, state, request, num_nodes in rows:
         entry = usage[group_id]
         if state == TaskState.RUNNING:
             entry["running"] += 1
-            for key in RESOURCE_KEYS:
-                entry["allocated"][key] += request.get(key, 0)
+            for key, amount in held(request, num_nodes).items():
+                entry["allocated"][key] += amount
         else:
             entry["queued"] += 1
     return usage

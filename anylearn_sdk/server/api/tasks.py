@@ -49,7 +49,8 @@ from anylearn_sdk.server.db import (
     as_utc,
 )
 from anylearn_sdk.server.failures import tail
-from anylearn_sdk.server.scheduler import TaskPaths, fits
+from anylearn_sdk.server.scheduler import fits, held
+from anylearn_sdk.server.workspace import TaskPaths
 from anylearn_sdk.states import ErrorCode, ResourceState, TaskState
 from anylearn_sdk.wire import (
     IDEMPOTENCY_HEADER,
@@ -109,14 +110,19 @@ def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, s
     if group is None:
         raise not_found("quota group", body.quota_group_id)
     request = body.request.model_dump() if body.request else dict(group.default_request)
-    if not fits(request, {}, group.capacity):
-        wanted = ", ".join(f"{k}={request.get(k, 0)}" for k in RESOURCE_KEYS)
+    total = held(request, body.num_nodes)
+    if not fits(total, {}, group.capacity):
+        wanted = ", ".join(f"{k}={total[k]:g}" for k in RESOURCE_KEYS)
         have = ", ".join(f"{k}={group.capacity.get(k, 0)}" for k in RESOURCE_KEYS)
         raise ApiError(
             400,
             ErrorCode.QUOTA_EXCEEDED,
             f"request ({wanted}) exceeds quota group {group.name!r} capacity ({have})",
         )
+    try:
+        ctx.scheduler.executor.check(body.num_nodes, request)
+    except ValueError as err:
+        raise bad_request(f"this task can never be placed: {err}") from err
     return request, output, project
 
 
@@ -308,7 +314,7 @@ def delete_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Respo
     users = users_of(session, "pretrain", task.id)
     if users:
         raise conflict(f"the results of task {task.id} are mounted by {', '.join(users)}")
-    folder = TaskPaths(ctx.paths.tasks, task).root
+    folder = TaskPaths.of(ctx.paths.tasks, task).root
     session.delete(task)
     session.commit()
     shutil.rmtree(folder, ignore_errors=True)
@@ -335,7 +341,7 @@ def task_logs(
     """
     task = owned_task(session, user, task_id)
     state = task.state
-    path = TaskPaths(ctx.paths.tasks, task).log
+    path = TaskPaths.of(ctx.paths.tasks, task).log
     data = b""
     try:
         with open(path, "rb") as f:
@@ -374,7 +380,7 @@ def register_model(
             f"task {task.id} is {task.state}; only a SUCCEEDED task's results become a model"
         )
     project = owned_project(session, user, body.project_id or task.project_id)
-    output = TaskPaths(ctx.paths.tasks, task).output
+    output = TaskPaths.of(ctx.paths.tasks, task).output
     if not output.is_dir():
         raise conflict(f"the results of task {task.id} are gone")
     try:
@@ -405,7 +411,7 @@ def task_results(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> File
     """The task's output folder as an uncompressed tar (members relative to the folder), in
     whatever state the task is: a failed task's checkpoints are results too."""
     task = owned_task(session, user, task_id)
-    output = TaskPaths(ctx.paths.tasks, task).output
+    output = TaskPaths.of(ctx.paths.tasks, task).output
     if not output.is_dir():
         raise not_found("results of train task", task_id)
     fd, name = tempfile.mkstemp(suffix=".tar")
