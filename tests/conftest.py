@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -18,6 +19,8 @@ import requests
 
 from anylearn_sdk import TrainTask, local_backend
 from anylearn_sdk import session as sdk_session
+from tests import postgres
+from tests.postgres import PostgresServer, database_args
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GIT_IDENTITY = {
@@ -26,6 +29,47 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "Test",
     "GIT_COMMITTER_EMAIL": "test@example.com",
 }
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the database of the backends the tests start (postgresql: a server of the "
+        "tests' own, see tests/postgres.py)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``--database postgresql``, run the tests of the API: those that start a backend
+    (the ``backend`` fixture, :func:`start_server`) or ask for the ``database`` itself. The
+    others talk to no database the option could change."""
+    if config.getoption("--database") != "postgresql":
+        return
+    keep, skipped = [], []
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        asks = "database" in inspect.signature(function).parameters if function else False
+        uses = asks or "backend" in getattr(item, "fixturenames", ())  # ``database`` is autouse
+        (keep if uses or "start_server(" in source else skipped).append(item)
+    config.hook.pytest_deselected(items=skipped)
+    items[:] = keep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database(request):
+    """The PostgreSQL server the backends use with ``--database postgresql``, else None."""
+    if request.config.getoption("--database") != "postgresql":
+        yield None
+        return
+    server = postgres.activate(PostgresServer().start())
+    try:
+        yield server
+    finally:
+        postgres.activate(None)
+        server.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +117,7 @@ class Backend:
 def backend(tmp_path_factory):
     """The real backend process on a random loopback port, started by the SDK's own launcher."""
     data_dir = tmp_path_factory.mktemp("backend") / "data"
-    status = local_backend.start(data_dir)
+    status = local_backend.start(data_dir, options=database_args(data_dir))
     yield Backend(status.url, data_dir, local_backend.admin_token(data_dir))
     local_backend.stop(data_dir)
 
@@ -186,7 +230,7 @@ def start_server(
     instead of the test's); returns it and its URL."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
-         "--port", str(port), *args],
+         "--port", str(port), *database_args(data_dir), *args],
         stderr=subprocess.DEVNULL,
         env=env,
     )  # fmt: skip

@@ -6,8 +6,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import time
 import zipfile
@@ -15,7 +13,6 @@ import zipfile
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import age
 
 from anylearn_sdk import preview_dataset, sync_dataset
 from anylearn_sdk.cli.main import cli
@@ -24,6 +21,7 @@ from anylearn_sdk.content.manifest import build_manifest
 from anylearn_sdk.resources import upload
 from anylearn_sdk.resources.upload import SliceBody
 from anylearn_sdk.session import get_context, init_sdk
+from tests.conftest import age, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -249,17 +247,8 @@ def test_preview_counts_without_creating(user, tmp_path):
 def test_stale_uploads_expire(tmp_path):
     """A server with a 1 s expiry answers 410 for a stale upload, then sweeps it."""
     data_dir = tmp_path / "server"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "anylearn_sdk.server", "--data-dir", str(data_dir),
-         "--upload-expiry", "1"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc, url = start_server(data_dir, "--upload-expiry", "1")
     try:
-        for _ in range(200):
-            if (data_dir / "server.json").exists():
-                break
-            time.sleep(0.05)
-        url = json.loads((data_dir / "server.json").read_text())["url"]
         token = json.loads((data_dir / "admin-credentials.json").read_text())["token"]
         init_sdk(url, token=token)
         folder = make_folder(tmp_path / "d", small=1, small_size=100)

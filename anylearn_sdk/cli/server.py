@@ -46,6 +46,12 @@ def server() -> None:
     help="GPUs tasks may be given (default: as many as `nvidia-smi -L` lists).",
 )
 @click.option(
+    "--database-url",
+    default=None,
+    help="postgresql://USER@HOST:PORT/DB (password in PGPASSWORD or ~/.pgpass); "
+    "default: SQLite in the data folder.",
+)
+@click.option(
     "--build-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
@@ -59,6 +65,7 @@ def start(
     max_restarts: int | None,
     gpus: int | None,
     build_timeout: float | None,
+    database_url: str | None,
 ) -> None:
     """Start the backend (in the foreground unless --detach).
 
@@ -71,6 +78,7 @@ def start(
         ("--max-restarts", max_restarts),
         ("--gpus", gpus),
         ("--build-timeout", build_timeout),
+        ("--database-url", database_url),
     ):
         options += [] if value is None else [name, str(value)]
     if detach:

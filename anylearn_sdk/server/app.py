@@ -14,11 +14,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anylearn_sdk._version import __version__
-from anylearn_sdk.datadir import DATABASE_FILE, SERVER_ID_FILE
+from anylearn_sdk.datadir import SERVER_ID_FILE
 from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
 from anylearn_sdk.server.api.runtime import DEFAULT_QUOTA_GROUP
 from anylearn_sdk.server.context import (
@@ -27,7 +29,7 @@ from anylearn_sdk.server.context import (
     ServerContext,
     ServerPaths,
 )
-from anylearn_sdk.server.db import Mirror, QuotaGroup, make_engine, make_sessionmaker
+from anylearn_sdk.server.db import Mirror, QuotaGroup, make_sessionmaker
 from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT, Environments
 from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
@@ -97,14 +99,13 @@ def ensure_defaults(ctx: ServerContext, *, gpus: int = 0) -> None:
 
 def build_context(
     data_dir: Path,
-    database_url: str | None = None,
+    engine: Engine,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     gpus: int | None = None,
     build_timeout: float = DEFAULT_BUILD_TIMEOUT,
 ) -> ServerContext:
     paths = ServerPaths(data_dir)
-    engine = make_engine(database_url or f"sqlite:///{data_dir / DATABASE_FILE}")
     sessions = make_sessionmaker(engine)
     objects = ObjectStore(paths.objects)
     workspace = Workspace(
@@ -167,6 +168,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
         return _error(exc.status_code, code, str(exc.detail), request)
+
+    @app.exception_handler(DataError)
+    async def _refused_value(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the API let through: a NUL character or an integer
+        # beyond 64 bits on PostgreSQL. That is the request's fault, not the server's.
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        message = f"the database refused a value: {reason}"
+        return _error(400, ErrorCode.BAD_REQUEST, message, request)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

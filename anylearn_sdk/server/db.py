@@ -1,4 +1,4 @@
-"""Metadata storage: SQLAlchemy models over SQLite (default) or any SQLAlchemy URL.
+"""Metadata storage: SQLAlchemy models over SQLite (default) or PostgreSQL, migrated by Alembic.
 
 Bytes never live here: object contents, git repositories, uploads and task folders are under
 the data directory (see :mod:`anylearn_sdk.server.objects`).
@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -22,8 +26,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from anylearn_sdk.states import UploadState
@@ -34,8 +41,10 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime) -> datetime:
-    """``value`` as an aware UTC datetime (SQLite returns naive datetimes, which are UTC here)."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    """``value`` as an aware datetime in :data:`datetime.UTC` itself. SQLite returns naive
+    datetimes (UTC here); PostgreSQL aware ones in the session's time zone, as a fixed offset
+    that ``email.utils.format_datetime(usegmt=True)`` would refuse."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -123,7 +132,7 @@ class Resource(Base):
     #: (a state poll, a checksum lookup) never look at it.
     manifest: Mapped[list[Any]] = mapped_column(JSON, deferred=True)
     file_count: Mapped[int] = mapped_column(Integer)
-    total_bytes: Mapped[int] = mapped_column(Integer)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -141,7 +150,7 @@ class Upload(Base):
     __tablename__ = "uploads"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
-    length: Mapped[int] = mapped_column(Integer)
+    length: Mapped[int] = mapped_column(BigInteger)
     metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON)
     resource_id: Mapped[str | None] = mapped_column(
         ForeignKey("resources.id"), nullable=True, index=True
@@ -152,7 +161,7 @@ class Upload(Base):
     #: For a final upload: the ids of its partial uploads, in order.
     parts: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     #: Bytes received by PATCH requests, including any later discarded (a checksum mismatch).
-    received_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    received_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -180,7 +189,7 @@ class QuotaGroup(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     capacity: Mapped[dict[str, Any]] = mapped_column(JSON)
     default_request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -223,13 +232,46 @@ class TrainTask(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class DatabaseURLError(ValueError):
+    """A database URL the backend cannot use; the message hides any password."""
+
+
+def database_url(url: str) -> URL:
+    """``url`` parsed, with ``postgresql://`` meaning the psycopg 3 driver.
+
+    Raises:
+        DatabaseURLError: not a ``sqlite:///PATH`` or ``postgresql://...`` URL.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as err:
+        raise DatabaseURLError(f"--database-url {url!r} is not a URL: {err}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        shown = parsed.render_as_string(hide_password=True)
+        raise DatabaseURLError(
+            f"--database-url {shown}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
+    return parsed
+
+
 def make_engine(url: str) -> Engine:
-    """Create the engine; SQLite gets WAL, a busy timeout and foreign keys."""
+    """Create the engine and bring its schema up to date (:func:`upgrade_schema`). SQLite
+    gets WAL, a busy timeout and foreign keys; PostgreSQL (driver psycopg 3) a pre-ping.
+
+    Raises:
+        DatabaseURLError: the URL names another database (see :func:`database_url`).
+        sqlalchemy.exc.OperationalError: the database cannot be reached.
+    """
+    parsed = database_url(url)
     kwargs: dict[str, Any] = {"json_serializer": lambda obj: json.dumps(obj, ensure_ascii=False)}
-    if url.startswith("sqlite"):
+    if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(url, **kwargs)
-    if url.startswith("sqlite"):
+    else:
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
@@ -239,41 +281,27 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
-    _migrate(engine)
-    Base.metadata.create_all(engine)
+    upgrade_schema(engine)
     return engine
 
 
-#: ``PRAGMA user_version`` of the current schema. 2: uploads gained concatenation, states and
-#: expiry (uploads are transient, so older upload rows are dropped rather than converted).
-#: 3: tasks gained ``attempt``. 4: tasks gained ``runtime``. 5: tokens gained ``name`` and
-#: ``expires_at``, quota groups ``deleted``.
-SCHEMA_VERSION = 5
-#: Columns added to tables after their first release, with their SQLite definitions.
-_ADDED_COLUMNS = {
-    "train_tasks": {
-        "attempt": "INTEGER NOT NULL DEFAULT 1",
-        "runtime": "JSON NOT NULL DEFAULT '{}'",
-    },
-    "tokens": {"name": "VARCHAR(100) NOT NULL DEFAULT ''", "expires_at": "DATETIME"},
-    "quota_groups": {"deleted": "BOOLEAN NOT NULL DEFAULT 0"},
-}
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: Key of the PostgreSQL advisory lock that lets one backend process migrate at a time.
+_MIGRATION_LOCK = 0x616E796C  # "anyl"
 
 
-def _migrate(engine: Engine) -> None:
-    if engine.dialect.name != "sqlite":
-        return
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the database to the newest schema with Alembic's migrations
+    (``server/migrations/versions``), in one transaction. A database from before migrations
+    (SQLite, ``PRAGMA user_version`` 1 to 5) is adopted with its rows; see revision 0001. On
+    PostgreSQL an advisory lock makes backends started at once migrate one after another."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
-        version = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
-        if version < 2:
-            conn.exec_driver_sql("DROP TABLE IF EXISTS uploads")
-        for table, added in _ADDED_COLUMNS.items():
-            columns = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
-            for name, definition in added.items():
-                if columns and name not in columns:
-                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
-        if version < SCHEMA_VERSION:
-            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        config.attributes["connection"] = conn
+        alembic_command.upgrade(config, "head")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

@@ -24,10 +24,13 @@ from urllib.parse import urlsplit
 
 import uvicorn
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from anylearn_sdk.datadir import (
     ADDRESS_FILE,
     ADMIN_CREDENTIALS_FILE,
+    DATABASE_FILE,
     AlreadyRunningError,
     ServerLock,
     read_address,
@@ -36,7 +39,7 @@ from anylearn_sdk.fileutil import write_private_json
 from anylearn_sdk.server.api.accounts import create_user, issue_token
 from anylearn_sdk.server.app import build_context, create_app
 from anylearn_sdk.server.context import DEFAULT_UPLOAD_EXPIRY, ServerContext
-from anylearn_sdk.server.db import User
+from anylearn_sdk.server.db import DatabaseURLError, User, database_url, make_engine
 from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS
 
@@ -128,11 +131,13 @@ def serve(
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     gpus: int | None = None,
     build_timeout: float = DEFAULT_BUILD_TIMEOUT,
+    database_url: str | None = None,
 ) -> None:
     """Check, lock, bind, then serve until SIGINT/SIGTERM (see the module docstring).
 
     ``gpus`` is the number of GPU devices tasks may be given (None: as many as ``nvidia-smi
-    -L`` lists).
+    -L`` lists). ``database_url`` is where the metadata lives (None: SQLite in the data
+    folder).
 
     Raises:
         AlreadyRunningError: another server holds the data folder.
@@ -147,22 +152,43 @@ def serve(
     try:
         sock = bind(host, port, data_dir)
         try:
+            # A database of its own is checked (and migrated) before the folder is created.
+            engine = open_database(database_url) if database_url else None
             if not lock.held:
                 try:
                     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 except OSError as err:
                     raise StartupError(f"cannot create --data-dir {data_dir}: {err}") from err
                 lock.acquire()
-            _run(sock, data_dir, upload_expiry, max_restarts, gpus, build_timeout)
+            if engine is None:
+                engine = open_database(f"sqlite:///{data_dir / DATABASE_FILE}")
+            _run(sock, data_dir, engine, upload_expiry, max_restarts, gpus, build_timeout)
         finally:
             sock.close()
     finally:
         lock.release()
 
 
+def open_database(url: str) -> Engine:
+    """The engine for ``url``, its schema migrated to the newest.
+
+    Raises:
+        StartupError: the URL names another kind of database, or it cannot be reached.
+    """
+    try:
+        return make_engine(url)
+    except DatabaseURLError as err:
+        raise StartupError(str(err)) from None
+    except OperationalError as err:
+        shown = database_url(url).render_as_string(hide_password=True)
+        reason = str(err.orig or err).strip().splitlines()[0]
+        raise StartupError(f"cannot use the database {shown}: {reason}") from None
+
+
 def _run(
     sock: socket.socket,
     data_dir: Path,
+    engine: Engine,
     upload_expiry: float,
     max_restarts: int,
     gpus: int | None,
@@ -170,6 +196,7 @@ def _run(
 ) -> None:
     ctx = build_context(
         data_dir,
+        engine,
         upload_expiry=upload_expiry,
         max_restarts=max_restarts,
         gpus=gpus,
@@ -215,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         "(default: as many as `nvidia-smi -L` lists)",
     )
     parser.add_argument(
+        "--database-url",
+        default=None,
+        help="where the metadata lives: postgresql://USER@HOST:PORT/DB (its password in "
+        "PGPASSWORD or ~/.pgpass, not in the URL) or sqlite:///PATH (default: SQLite in the "
+        "data folder)",
+    )
+    parser.add_argument(
         "--build-timeout",
         type=float,
         default=DEFAULT_BUILD_TIMEOUT,
@@ -241,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             args.max_restarts,
             args.gpus,
             args.build_timeout,
+            args.database_url,
         )
     except (AlreadyRunningError, StartupError) as err:
         sys.stderr.write(f"Error: {err}\n")
