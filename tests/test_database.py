@@ -7,6 +7,7 @@ import json
 import shutil
 import sqlite3
 
+import psycopg
 import pytest
 import requests
 from alembic.autogenerate import compare_metadata
@@ -14,8 +15,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from anylearn_sdk import TaskState, add_quota_group, init_sdk, quick_train
 from anylearn_sdk.server.db import MIGRATIONS, Base, make_engine
-from tests.conftest import FIXTURES, start_server
+from tests.conftest import FIXTURES, start_server, wait_for_log
 from tests.postgres import start_or_skip
 
 pytestmark = pytest.mark.integration
@@ -99,3 +101,66 @@ def test_a_database_from_before_migrations_keeps_its_rows(tmp_path):
         "SELECT version_num FROM alembic_version"
     )
     assert revision.fetchall() == [(head_revision(),)]
+
+
+def test_two_backends_on_one_database_share_the_queue(tmp_path, database):
+    """Two backends on one PostgreSQL database and one shared file system (their data
+    folders' contents are the same folders) both admit from the one queue: each follows only
+    the tasks it admitted (none is taken for lost by the other, so every task runs once, as
+    attempt 1), and a group of two CPUs never runs three one-CPU tasks at once."""
+    server = database or start_or_skip()
+    url = server.new_database()
+    first, second = tmp_path / "a", tmp_path / "b"
+    backends = [start_server(first, "--database-url", url)]
+    try:
+        second.mkdir()
+        for name in ("objects", "repos", "uploads", "tasks", "materialized", "environments"):
+            (first / name).mkdir(exist_ok=True)
+            (second / name).symlink_to(first / name)
+        backends.append(start_server(second, "--database-url", url))
+        token = json.loads((first / "admin-credentials.json").read_text())["token"]
+        init_sdk(backends[0][1], token=token)
+        add_quota_group("two-cpus", capacity={"cpu": 2})
+        spans = tmp_path / "spans"
+        algo = tmp_path / "algo"
+        algo.mkdir()
+        (algo / "span.py").write_text(
+            "import time\n"
+            "start = time.time(); time.sleep(1.0)\n"
+            f"with open({str(spans)!r}, 'a') as f:\n"
+            "    f.write(f'{start} {time.time()}\\n')\n"
+        )
+
+        def submit(backend: int):
+            init_sdk(backends[backend][1], token=token)
+            return quick_train(
+                algorithm_dir=algo,
+                entrypoint="python span.py",
+                quota_group_name="two-cpus",
+                quota_group_request={"cpu": 1},
+            )[0]
+
+        tasks = [submit(0)]
+        wait_for_log(tasks[0], "running:")
+        tasks += [submit(1), submit(0), submit(1), submit(0), submit(1)]
+        for task in tasks:
+            assert task.wait(timeout=120, poll_interval=0.2) == TaskState.SUCCEEDED
+            assert task.refresh().attempt == 1
+        events = sorted(
+            (float(t), step)
+            for line in spans.read_text().splitlines()
+            for t, step in zip(line.split(), (1, -1), strict=True)
+        )
+        assert len(events) == 12
+        running = peak = 0
+        for _, step in events:
+            running += step
+            peak = max(peak, running)
+        assert peak <= 2
+        with psycopg.connect(url) as conn:
+            runners = {r for (r,) in conn.execute("SELECT runner FROM train_tasks")}
+        assert len(runners) == 2, "the second backend admitted nothing"
+    finally:
+        for proc, _ in backends:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -117,21 +117,23 @@ def build_context(
         environments=Environments(paths.environments, build_timeout=build_timeout),
     )
     executor = LocalExecutor(workspace, gpus=detect_gpus() if gpus is None else gpus)
+    id_file = paths.root / SERVER_ID_FILE
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex)
+    server_id = id_file.read_text().strip()
     scheduler = Scheduler(
         sessions=sessions,
         tasks_root=paths.tasks,
         executor=executor,
+        runner_id=server_id,
         max_restarts=max_restarts,
     )
-    id_file = paths.root / SERVER_ID_FILE
-    if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex)
     ctx = ServerContext(
         paths=paths,
         sessions=sessions,
         objects=objects,
         scheduler=scheduler,
-        server_id=id_file.read_text().strip(),
+        server_id=server_id,
         upload_expiry=upload_expiry,
     )
     ensure_defaults(ctx, gpus=executor.gpus)

@@ -219,6 +219,10 @@ class TrainTask(Base):
     #: lost (see :meth:`Scheduler.recover`).
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     state: Mapped[str] = mapped_column(String(16), index=True)
+    #: The backend (its ``server-id``) that admitted the current attempt and follows it; None
+    #: while the task waits for admission. A QUEUED task with a runner is being prepared and
+    #: holds its quota, so backends sharing one database count it too.
+    runner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     command: Mapped[str | None] = mapped_column(Text, nullable=True)
     pids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     #: How the current attempt runs: ``environment`` (its key, or None without a

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask, utcnow
@@ -40,6 +40,13 @@ from anylearn_sdk.wire import RESOURCE_KEYS
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
+#: States of a task its runner follows.
+ACTIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
+#: Seconds between admissions when nothing woke the scheduler: another backend on the same
+#: database may have freed room.
+ADMISSION_SECONDS = 1.0
+#: Key of the PostgreSQL advisory lock held while a backend admits tasks.
+ADMISSION_LOCK = 0x616E7971  # "anyq"
 #: Times a task whose processes were lost is run again before it fails.
 DEFAULT_MAX_RESTARTS = 2
 
@@ -84,16 +91,19 @@ class Scheduler:
         sessions: sessionmaker,
         tasks_root: Path,
         executor: Executor,
+        runner_id: str,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
     ):
         self.sessions = sessions
         self.tasks_root = tasks_root
         self.executor = executor
+        self.runner_id = runner_id
         self.max_restarts = max_restarts
-        # Tasks submitted to the executor and not yet RUNNING (QUEUED, their quota held).
-        self._admitted: set[str] = set()
+        # Tasks this backend's executor runs or prepares (to end those cancelled elsewhere).
+        self._following: set[str] = set()
         # Set when something changed that may let a queued task start.
         self._admission_due = True
+        self._next_admission = 0.0  # monotonic time of the next admission in any case
         self.lock = threading.RLock()
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anylearn-bg")
         self._periodic: list[list] = []  # [interval seconds, next due (monotonic), callable]
@@ -147,17 +157,28 @@ class Scheduler:
             self._wake.clear()
 
     def recover(self) -> None:
-        """Follow again the tasks that were RUNNING when the server last stopped.
+        """Follow again the tasks this backend ran when it last stopped.
 
-        Their processes outlive the server. The executor attaches to each from the handle it
-        gave when the task started, and the next ticks see the task run on, end, or be lost
-        (then re-queued, see :meth:`_lost`).
+        Their processes outlive the backend. The executor attaches to each RUNNING one from
+        the handle it gave when the task started, and the next ticks see it run on, end, or
+        be lost (then re-queued, see :meth:`_lost`). One that was still being prepared is
+        admitted again. (Rows from before tasks named their runner are this backend's.)
         """
         with self.lock, self.sessions() as session:
+            ours = (TrainTask.runner == self.runner_id) | TrainTask.runner.is_(None)
             for task in session.scalars(
-                select(TrainTask).where(TrainTask.state == TaskState.RUNNING)
+                select(TrainTask).where(TrainTask.state == TaskState.RUNNING, ours)
             ):
                 self.executor.attach(task.id, task.pids)
+                task.runner = self.runner_id
+                self._following.add(task.id)
+            for task in session.scalars(
+                select(TrainTask).where(
+                    TrainTask.state == TaskState.QUEUED, TrainTask.runner == self.runner_id
+                )
+            ):
+                task.runner = None
+            session.commit()
 
     def _lost(self, session: Session, task: TrainTask, reason: str) -> None:
         """A task's processes vanished without an exit status (``reason``: its node died, its
@@ -180,57 +201,80 @@ class Scheduler:
         )
         task.attempt += 1
         task.state = TaskState.QUEUED.value
+        task.runner = None
         task.pids = []
 
     # one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Follow admitted and running tasks; then, if anything changed that could let a queued
-        task start (a task created, ended or cancelled), admit what fits."""
+        """Follow this backend's tasks; then, if anything changed that could let a queued task
+        start (a task created, ended or cancelled), admit what fits."""
         with self.lock, self.sessions() as session:
-            allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-
-            def hold(task: TrainTask) -> None:
-                for k, amount in held(task.request, task.num_nodes).items():
-                    allocated[task.quota_group_id][k] += amount
-
-            followed = session.scalars(
+            mine = session.scalars(
                 select(TrainTask).where(
-                    (TrainTask.state == TaskState.RUNNING) | TrainTask.id.in_(self._admitted)
+                    TrainTask.runner == self.runner_id,
+                    TrainTask.state.in_(ACTIVE) | TrainTask.id.in_(self._following),
                 )
             ).all()
-            for task in followed:
-                if self._follow(session, task):
-                    hold(task)
-                else:
-                    self._admitted.discard(task.id)
+            for task in mine:
+                if TaskState(task.state).is_terminal:  # cancelled through another backend
+                    self.executor.cancel(task.id)
+                    self._following.discard(task.id)
+                elif not self._follow(session, task):
+                    self._following.discard(task.id)
                     self._admission_due = True
             session.commit()
-            if not self._admission_due:
+            now = time.monotonic()
+            if not self._admission_due and now < self._next_admission:
                 return
             self._admission_due = False
-            capacity = {g.id: g.capacity for g in session.scalars(select(QuotaGroup))}
-            blocked: set[str] = set()
-            queued = session.scalars(
-                select(TrainTask)
-                .where(TrainTask.state == TaskState.QUEUED, TrainTask.id.not_in(self._admitted))
-                .order_by(TrainTask.created_at)
-            ).all()
-            for task in queued:
-                group = task.quota_group_id
-                if group in blocked:
-                    continue
-                spec = run_spec(session, task)
-                if not (
-                    fits(held(task.request, task.num_nodes), allocated[group], capacity.get(group))
-                    and self.executor.has_room(spec)
-                ):
-                    blocked.add(group)
-                    continue
-                self.executor.submit(spec)
-                self._admitted.add(task.id)
-                hold(task)
-                # Preparation may be quick (no environment to build): follow it at once.
-                self._wake.set()
+            self._next_admission = now + ADMISSION_SECONDS
+            self._admit(session)
+            session.commit()
+
+    def _admit(self, session: Session) -> None:
+        """Submit the queued tasks that fit, oldest first per quota group, in one transaction.
+
+        What the groups hold is read from the database (RUNNING tasks and QUEUED ones a
+        backend admitted), and on PostgreSQL the transaction first takes an advisory lock, so
+        backends sharing one database admit one at a time and never overfill a group.
+        """
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+        allocated: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+
+        def hold(group: str, request: dict, num_nodes: int) -> None:
+            for k, amount in held(request, num_nodes).items():
+                allocated[group][k] += amount
+
+        holding = (TrainTask.state == TaskState.RUNNING) | (
+            (TrainTask.state == TaskState.QUEUED) & TrainTask.runner.is_not(None)
+        )
+        for group, request, num_nodes in session.execute(
+            select(TrainTask.quota_group_id, TrainTask.request, TrainTask.num_nodes).where(holding)
+        ):
+            hold(group, request, num_nodes)
+        capacity = {g.id: g.capacity for g in session.scalars(select(QuotaGroup))}
+        blocked: set[str] = set()
+        queued = session.scalars(
+            select(TrainTask)
+            .where(TrainTask.state == TaskState.QUEUED, TrainTask.runner.is_(None))
+            .order_by(TrainTask.created_at)
+        ).all()
+        for task in queued:
+            group = task.quota_group_id
+            if group in blocked:
+                continue
+            spec = run_spec(session, task)
+            if not (
+                fits(held(task.request, task.num_nodes), allocated[group], capacity.get(group))
+                and self.executor.has_room(spec)
+            ):
+                blocked.add(group)
+                continue
+            self.executor.submit(spec)
+            task.runner = self.runner_id
+            self._following.add(task.id)
+            hold(group, task.request, task.num_nodes)
 
     def _follow(self, session: Session, task: TrainTask) -> bool:
         """Turn what the executor reports for ``task`` into its state; True while it holds
@@ -249,7 +293,6 @@ class Scheduler:
                     task.started_at = utcnow()
                     task.command = command
                     task.runtime = runtime or {}
-                    self._admitted.discard(task.id)
                 return True
             case Exited(code=0):
                 self._finish(session, task, TaskState.SUCCEEDED, 0, None)
@@ -288,9 +331,10 @@ class Scheduler:
             task = session.get(TrainTask, task_id)
             if task is None or TaskState(task.state).is_terminal:
                 return
-            if task.state == TaskState.RUNNING or task.id in self._admitted:
+            if task.runner == self.runner_id:
                 self.executor.cancel(task.id)
-            self._admitted.discard(task.id)
+                self._following.discard(task.id)
+            # else: its runner sees it CANCELLED on its next tick and ends it
             self._finish(session, task, TaskState.CANCELLED, None, "cancelled by the user")
             session.commit()
         self.wake()
