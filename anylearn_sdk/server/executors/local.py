@@ -1,38 +1,30 @@
-"""Run tasks as local process groups, one per rank, with torchrun's environment variables.
+"""Run tasks as local process groups on the backend's machine, one per rank.
 
-Every rank gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT`` as torchrun sets them (PyTorch "torchrun (Elastic
-Launch)", environment variables), so ``torch.distributed.init_process_group("env://")`` works.
-The task fails as a whole when one rank exits non-zero: the other ranks are ended.
+Ranks, their torchrun variables and their exit-recording supervisor are those of
+:mod:`anylearn_sdk.server.executors.ranks`; every node of a task is a group of local
+processes. The task fails as a whole when one rank exits non-zero: the other ranks are ended.
 
-Each rank's command runs under a small ``sh`` supervisor that writes the command's exit status
-to ``<status_dir>/rank-<N>.exit``, and each rank is recorded as (pid, creation time, as psutil
-reads it from the kernel). A server that restarts is no longer the parent of its task
-processes, yet can still follow them (:meth:`LocalExecutor.attach`): a rank is running while a
-process with that pid *and* creation time lives (a reused pid is a different process), has
-ended with the code in its file, or is :class:`Lost` if it vanished without writing one (its
-whole process group was killed, or the machine restarted).
+Ranks outlive the backend. A backend that restarts is no longer their parent, yet can still
+follow them (:meth:`LocalExecutor.attach`): a rank is running while a process with its pid
+*and* creation time lives (a reused pid is a different process), has ended with the code in
+its exit file, or is :class:`Lost` if it vanished without writing one (its whole process group
+was killed, or the machine restarted).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from anylearn_sdk.server.environments import EnvironmentBuildError
 from anylearn_sdk.server.executors.base import (
-    Exited,
     Failed,
     Lost,
     Preparing,
@@ -40,82 +32,15 @@ from anylearn_sdk.server.executors.base import (
     RunSpec,
     Status,
 )
-from anylearn_sdk.server.workspace import Prepared, PrepareError, Workspace
-
-CANCEL_GRACE_SECONDS = 5.0
-#: ``sh -c SUPERVISOR anylearn-rank COMMAND EXIT_FILE``: run COMMAND, record its status.
-SUPERVISOR = (
-    '/bin/sh -c "$1"; code=$?; echo "$code" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$code"'
+from anylearn_sdk.server.executors.ranks import (
+    Rank,
+    end_ranks,
+    follow_ranks,
+    free_port,
+    kill_group,
+    spawn_ranks,
 )
-
-
-def create_time(pid: int) -> float | None:
-    """When process ``pid`` was created (seconds since the epoch, as psutil derives it from
-    the kernel's start time, so equal for the same process at every call), or None if it is
-    gone or a zombie (it has ended)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc.create_time()
-    except psutil.Error:
-        return None
-
-
-@dataclass
-class Rank:
-    """One rank: the pid of its process-group leader, its creation time and its exit file."""
-
-    pid: int
-    create_time: float | None
-    exit_file: Path
-    proc: subprocess.Popen | None = None  # set while this server process is its parent
-
-    def to_json(self) -> dict:
-        return {"pid": self.pid, "create_time": self.create_time, "exit_file": str(self.exit_file)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Rank:
-        """A recorded rank. Records of older servers (``start_time`` in clock ticks) carry no
-        creation time: such a rank is judged by its exit file alone."""
-        return cls(int(data["pid"]), data.get("create_time"), Path(data["exit_file"]))
-
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is None
-        return self.create_time is not None and create_time(self.pid) == self.create_time
-
-    def poll(self) -> Exited | Lost | None:
-        """None while running; how it ended otherwise."""
-        if self.proc is not None:
-            code = self.proc.poll()
-            return None if code is None else Exited(code)
-        if self.alive():
-            return None
-        try:
-            return Exited(int(self.exit_file.read_text().strip()))
-        except (OSError, ValueError):
-            return Lost("a rank vanished without an exit status (its process group was killed)")
-
-    def kill(self, sig: int) -> None:
-        """Signal the rank's process group. A child not yet reaped keeps its pid reserved, so
-        its group is signalled even after it exited (reaping what it forked); a rank followed
-        after a restart only while its start time proves it is the same process."""
-        if self.proc is not None or self.alive():
-            _kill_group(self.pid, sig)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+from anylearn_sdk.server.workspace import Prepared, PrepareError, Workspace
 
 
 @dataclass
@@ -240,50 +165,30 @@ class LocalExecutor:
         return Running(handle, prepared.command, runtime)
 
     def _start_ranks(self, prepared: Prepared) -> list[Rank]:
-        spec, paths = prepared.spec, prepared.paths
-        master_port = str(free_port())
-        paths.status.mkdir(parents=True, exist_ok=True)
-        ranks: list[Rank] = []
-        with open(paths.log, "ab") as log:
-            for rank in range(spec.world_size):
-                env = dict(prepared.env)
-                env.update(
-                    RANK=str(rank),
-                    LOCAL_RANK=str(rank % spec.nproc_per_node),
-                    WORLD_SIZE=str(spec.world_size),
-                    LOCAL_WORLD_SIZE=str(spec.nproc_per_node),
-                    NODE_RANK=str(rank // spec.nproc_per_node),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=master_port,
-                )
-                exit_file = paths.status / f"rank-{rank}.exit"
-                exit_file.unlink(missing_ok=True)
-                argv = ["/bin/sh", "-c", SUPERVISOR, "anylearn-rank", prepared.command]
-                proc = subprocess.Popen(
-                    [*argv, str(exit_file)],
-                    cwd=paths.code,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                ranks.append(Rank(proc.pid, create_time(proc.pid), exit_file, proc))
-        return ranks
+        spec = prepared.spec
+        master_port = free_port()
+        return [
+            rank
+            for node_rank in range(spec.num_nodes)  # every node is a group of local processes
+            for rank in spawn_ranks(
+                command=prepared.command,
+                env=prepared.env,
+                cwd=prepared.paths.code,
+                log_path=prepared.paths.log,
+                status_dir=prepared.paths.status,
+                node_rank=node_rank,
+                num_nodes=spec.num_nodes,
+                nproc_per_node=spec.nproc_per_node,
+                master_addr="127.0.0.1",
+                master_port=master_port,
+            )
+        ]
 
     def _follow(self, task_id: str, ranks: list[Rank]) -> Status:
-        ends = [r.poll() for r in ranks]
-        failed = [e for e in ends if isinstance(e, Lost) or (e is not None and e.code != 0)]
-        if not failed and any(e is None for e in ends):
-            return Running()
-        for r in ranks:  # the task ends as a whole; also reaps what each rank's group forked
-            r.kill(signal.SIGKILL)
-        for r in ranks:
-            if r.proc is not None:
-                r.proc.wait()
-        self._forget(task_id)
-        lost = [e for e in failed if isinstance(e, Lost)]
-        return (lost or failed or [Exited(0)])[0]
+        status = follow_ranks(ranks)
+        if not isinstance(status, Running):
+            self._forget(task_id)
+        return status
 
     def _forget(self, task_id: str) -> None:
         with self._lock:
@@ -296,21 +201,8 @@ class LocalExecutor:
             return
         if job.prepared is not None:
             job.prepared.cancel()  # one still queued never starts; one running is ignored
-        ranks = job.ranks or []
-        for r in ranks:
-            r.kill(signal.SIGTERM)
-
-        def escalate() -> None:
-            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-            while any(r.alive() for r in ranks) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            for r in ranks:
-                r.kill(signal.SIGKILL)
-                if r.proc is not None:
-                    r.proc.wait()
-
-        if ranks:
-            threading.Thread(target=escalate, name=f"cancel-{task_id}", daemon=True).start()
+        if job.ranks:
+            end_ranks(job.ranks)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -331,7 +223,7 @@ def kill_stale(task_id: str, pids: list[int]) -> None:
         except psutil.Error:
             continue
         if environ.get("ANYLEARN_TASK_ID") == task_id:
-            _kill_group(pid, signal.SIGKILL)
+            kill_group(pid, signal.SIGKILL)
 
 
 def detect_gpus() -> int:
