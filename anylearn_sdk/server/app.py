@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -16,12 +17,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError
+from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anylearn_sdk._version import __version__
 from anylearn_sdk.datadir import SERVER_ID_FILE
 from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
+from anylearn_sdk.server.api.accounts import issue_task_token
 from anylearn_sdk.server.api.runtime import DEFAULT_QUOTA_GROUP
 from anylearn_sdk.server.context import (
     DEFAULT_UPLOAD_EXPIRY,
@@ -31,6 +34,7 @@ from anylearn_sdk.server.context import (
 )
 from anylearn_sdk.server.db import Mirror, QuotaGroup, make_sessionmaker
 from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT, Environments
+from anylearn_sdk.server.executors.base import Executor
 from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
@@ -97,36 +101,93 @@ def ensure_defaults(ctx: ServerContext, *, gpus: int = 0) -> None:
         session.commit()
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the backend runs (``python -m anylearn_sdk.server --help`` describes each).
+
+    Attributes:
+        upload_expiry: seconds an unfinished upload is kept after its last byte.
+        max_restarts: re-runs of a task whose processes were lost.
+        gpus: GPU devices local tasks may be given (None: as many as ``nvidia-smi -L`` lists).
+        build_timeout: seconds one environment build step may run.
+        executor: ``local`` or ``ray``.
+        ray_address: the Ray cluster (``auto``, ``HOST:PORT``); for the ``ray`` executor.
+        ray_node_cache: where each Ray node keeps its cache (``<it>/<node id>``).
+        backend_url: the backend's address as Ray nodes reach it (None: where it listens).
+    """
+
+    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    gpus: int | None = None
+    build_timeout: float = DEFAULT_BUILD_TIMEOUT
+    executor: str = "local"
+    ray_address: str = "auto"
+    ray_node_cache: str | None = None
+    backend_url: str | None = None
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The executor asked for cannot run here (its extra is not installed, say)."""
+
+
+def _ray_executor(
+    options: ServerOptions, sessions: sessionmaker, paths: ServerPaths, server_id: str, url: str
+) -> Executor:
+    try:
+        from anylearn_sdk.server.executors.ray import DEFAULT_NODE_CACHE, RayExecutor
+    except ImportError as err:
+        raise ExecutorUnavailable(
+            f"--executor ray needs Ray: pip install 'anylearn-sdk[server,ray]' ({err})"
+        ) from None
+    try:
+        return RayExecutor(
+            address=options.ray_address,
+            namespace=f"anylearn-{server_id[:12]}",
+            sessions=sessions,
+            tasks_root=paths.tasks,
+            backend_url=options.backend_url or url,
+            issue_token=issue_task_token,
+            node_cache=options.ray_node_cache or DEFAULT_NODE_CACHE,
+        )
+    except ConnectionError as err:
+        raise ExecutorUnavailable(f"--ray-address {options.ray_address}: {err}") from None
+
+
 def build_context(
-    data_dir: Path,
-    engine: Engine,
-    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
-    gpus: int | None = None,
-    build_timeout: float = DEFAULT_BUILD_TIMEOUT,
+    data_dir: Path, engine: Engine, options: ServerOptions, url: str = ""
 ) -> ServerContext:
+    """Everything the backend shares, on ``engine``'s database, listening at ``url``.
+
+    Raises:
+        ExecutorUnavailable: the executor asked for cannot run here.
+    """
     paths = ServerPaths(data_dir)
     sessions = make_sessionmaker(engine)
     objects = ObjectStore(paths.objects)
-    workspace = Workspace(
-        sessions=sessions,
-        objects=objects,
-        repos_root=paths.repos,
-        tasks_root=paths.tasks,
-        materialized_root=paths.materialized,
-        environments=Environments(paths.environments, build_timeout=build_timeout),
-    )
-    executor = LocalExecutor(workspace, gpus=detect_gpus() if gpus is None else gpus)
     id_file = paths.root / SERVER_ID_FILE
     if not id_file.exists():
         id_file.write_text(uuid.uuid4().hex)
     server_id = id_file.read_text().strip()
+    executor: Executor
+    if options.executor == "ray":
+        executor = _ray_executor(options, sessions, paths, server_id, url)
+    else:
+        workspace = Workspace(
+            sessions=sessions,
+            objects=objects,
+            repos_root=paths.repos,
+            tasks_root=paths.tasks,
+            materialized_root=paths.materialized,
+            environments=Environments(paths.environments, build_timeout=options.build_timeout),
+        )
+        gpus = detect_gpus() if options.gpus is None else options.gpus
+        executor = LocalExecutor(workspace, gpus=gpus)
     scheduler = Scheduler(
         sessions=sessions,
         tasks_root=paths.tasks,
         executor=executor,
         runner_id=server_id,
-        max_restarts=max_restarts,
+        max_restarts=options.max_restarts,
     )
     ctx = ServerContext(
         paths=paths,
@@ -134,9 +195,9 @@ def build_context(
         objects=objects,
         scheduler=scheduler,
         server_id=server_id,
-        upload_expiry=upload_expiry,
+        upload_expiry=options.upload_expiry,
     )
-    ensure_defaults(ctx, gpus=executor.gpus)
+    ensure_defaults(ctx, gpus=getattr(executor, "gpus", 0))
     return ctx
 
 

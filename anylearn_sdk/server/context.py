@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from anylearn_sdk.server.db import Token, User, as_utc, utcnow
+from anylearn_sdk.server.db import Token, TrainTask, User, as_utc, utcnow
 from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.states import ErrorCode
+from anylearn_sdk.states import ErrorCode, TaskState
+from anylearn_sdk.wire import API_PREFIX
 
 if TYPE_CHECKING:
     from anylearn_sdk.server.scheduler import Scheduler
@@ -124,7 +126,40 @@ async def current_user(request: Request, session: Annotated[Session, Depends(get
     user = session.get(User, row.user_id)
     if user is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked token")
+    if row.task_id is not None:
+        check_task_scope(session, row.task_id, request)
     return user
+
+
+#: What a task's token may call: git fetch of the task's algorithm, the versions the task
+#: mounts (their manifests), and objects by sha256 (the owner's, as for any token).
+_TASK_SCOPE = re.compile(
+    rf"^{API_PREFIX}/(?:objects/[0-9a-f]{{64}}"
+    r"|(?:datasets|models)/(?P<resource>[^/]+)"
+    r"|algorithms/(?P<algorithm>[^/]+)/git/(?P<git>info/refs|git-upload-pack))$"
+)
+
+
+def check_task_scope(session: Session, task_id: str, request: Request) -> None:
+    """Refuse a task's token outside its scope (403) or once its task ended (401)."""
+    task = session.get(TrainTask, task_id)
+    if task is None or TaskState(task.state).is_terminal:
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, f"the token of task {task_id} expired")
+    match = _TASK_SCOPE.match(request.url.path)
+    refused = match is None or request.method not in ("GET", "HEAD", "POST")
+    if match is not None and not refused:
+        mounted = {ref for mount in (task.mounts or {}).values() for ref in mount.get("ids", [])}
+        git = match["git"]
+        refused = (
+            (match["resource"] is not None and match["resource"] not in mounted)
+            or (match["algorithm"] is not None and match["algorithm"] != task.algorithm_id)
+            or (git == "info/refs" and request.query_params.get("service") != "git-upload-pack")
+            or (git is None and request.method == "POST")
+        )
+    if refused:
+        raise ApiError(
+            403, ErrorCode.FORBIDDEN, f"the token of task {task_id} only fetches its code and data"
+        )
 
 
 async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:

@@ -72,7 +72,8 @@ class User(Base):
 
 class Token(Base):
     """An API token; only its sha256 is stored, so a leaked database leaks no token. A token
-    past ``expires_at`` is refused (None: it never expires)."""
+    past ``expires_at`` is refused (None: it never expires). A task's token (``task_id``) is
+    scoped to that task."""
 
     __tablename__ = "tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -81,6 +82,9 @@ class Token(Base):
     name: Mapped[str] = mapped_column(String(100), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Set for a task's token: it only fetches that task's code and data, while the task is
+    #: QUEUED or RUNNING (see :func:`anylearn_sdk.server.context.current_user`).
+    task_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
 
 
 class Project(Base):

@@ -68,7 +68,7 @@ class ObjectStore:
         """Store ``size`` bytes read from ``stream`` as object ``sha256``.
 
         The bytes go to a temporary file created read-only (0o444) and named after the object
-        and the thread, which is renamed into place once its digest matched.
+        and the process and thread, which is renamed into place once its digest matched.
 
         Returns:
             True if a new object was written, False if it was already present (the stream is
@@ -81,7 +81,7 @@ class ObjectStore:
         digest = hashlib.sha256()
         written = 0
         present = target.is_file()
-        tmp_name = self.tmp / f"{sha256}.{threading.get_ident()}"
+        tmp_name = self.tmp / f"{sha256}.{os.getpid()}.{threading.get_ident()}"
         fd = -1 if present else os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         try:
             while block := stream.read(COPY_BLOCK_BYTES):

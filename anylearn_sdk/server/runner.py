@@ -37,7 +37,12 @@ from anylearn_sdk.datadir import (
 )
 from anylearn_sdk.fileutil import write_private_json
 from anylearn_sdk.server.api.accounts import create_user, issue_token
-from anylearn_sdk.server.app import build_context, create_app
+from anylearn_sdk.server.app import (
+    ExecutorUnavailable,
+    ServerOptions,
+    build_context,
+    create_app,
+)
 from anylearn_sdk.server.context import DEFAULT_UPLOAD_EXPIRY, ServerContext
 from anylearn_sdk.server.db import DatabaseURLError, User, database_url, make_engine
 from anylearn_sdk.server.environments import DEFAULT_BUILD_TIMEOUT
@@ -127,17 +132,13 @@ def serve(
     host: str,
     port: int,
     data_dir: Path,
-    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
-    gpus: int | None = None,
-    build_timeout: float = DEFAULT_BUILD_TIMEOUT,
+    options: ServerOptions | None = None,
     database_url: str | None = None,
 ) -> None:
     """Check, lock, bind, then serve until SIGINT/SIGTERM (see the module docstring).
 
-    ``gpus`` is the number of GPU devices tasks may be given (None: as many as ``nvidia-smi
-    -L`` lists). ``database_url`` is where the metadata lives (None: SQLite in the data
-    folder).
+    ``options`` say how (:class:`ServerOptions`); ``database_url`` is where the metadata
+    lives (None: SQLite in the data folder).
 
     Raises:
         AlreadyRunningError: another server holds the data folder.
@@ -162,7 +163,7 @@ def serve(
                 lock.acquire()
             if engine is None:
                 engine = open_database(f"sqlite:///{data_dir / DATABASE_FILE}")
-            _run(sock, data_dir, engine, upload_expiry, max_restarts, gpus, build_timeout)
+            _run(sock, data_dir, engine, options or ServerOptions())
         finally:
             sock.close()
     finally:
@@ -185,29 +186,23 @@ def open_database(url: str) -> Engine:
         raise StartupError(f"cannot use the database {shown}: {reason}") from None
 
 
-def _run(
-    sock: socket.socket,
-    data_dir: Path,
-    engine: Engine,
-    upload_expiry: float,
-    max_restarts: int,
-    gpus: int | None,
-    build_timeout: float,
-) -> None:
-    ctx = build_context(
-        data_dir,
-        engine,
-        upload_expiry=upload_expiry,
-        max_restarts=max_restarts,
-        gpus=gpus,
-        build_timeout=build_timeout,
-    )
-    bootstrap_admin(ctx, data_dir)
+def _run(sock: socket.socket, data_dir: Path, engine: Engine, options: ServerOptions) -> None:
     host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if sock.family == socket.AF_INET6 else host
     url = f"http://{shown_host}:{bound_port}"
+    try:
+        ctx = build_context(data_dir, engine, options, url)
+    except ExecutorUnavailable as err:
+        raise StartupError(str(err)) from None
+    bootstrap_admin(ctx, data_dir)
     write_private_json(data_dir / ADDRESS_FILE, {"url": url, "pid": os.getpid()})
-    log.info("anylearn backend listening at %s (data %s, pid %d)", url, data_dir, os.getpid())
+    log.info(
+        "anylearn backend listening at %s (data %s, executor %s, pid %d)",
+        url,
+        data_dir,
+        options.executor,
+        os.getpid(),
+    )
     config = uvicorn.Config(
         create_app(ctx), log_level="warning", access_log=False, timeout_graceful_shutdown=5
     )
@@ -242,6 +237,29 @@ def main(argv: list[str] | None = None) -> None:
         "(default: as many as `nvidia-smi -L` lists)",
     )
     parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where tasks run: processes on this machine, or a Ray cluster (default: local)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default="auto",
+        help="the Ray cluster for --executor ray: auto (the local node's), HOST:PORT or "
+        "ray://HOST:PORT (default: auto)",
+    )
+    parser.add_argument(
+        "--ray-node-cache",
+        default=None,
+        help="where each Ray node caches code, data and environments, as <it>/<node id> "
+        "(default: /tmp/anylearn-node-cache)",
+    )
+    parser.add_argument(
+        "--ray-backend-url",
+        default=None,
+        help="this backend's address as Ray nodes reach it (default: the one it listens on)",
+    )
+    parser.add_argument(
         "--database-url",
         default=None,
         help="where the metadata lives: postgresql://USER@HOST:PORT/DB (its password in "
@@ -267,16 +285,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag} {getattr(args, option)}: use a positive number of seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        serve(
-            args.host,
-            args.port,
-            args.data_dir,
-            args.upload_expiry,
-            args.max_restarts,
-            args.gpus,
-            args.build_timeout,
-            args.database_url,
+        options = ServerOptions(
+            upload_expiry=args.upload_expiry,
+            max_restarts=args.max_restarts,
+            gpus=args.gpus,
+            build_timeout=args.build_timeout,
+            executor=args.executor,
+            ray_address=args.ray_address,
+            ray_node_cache=args.ray_node_cache,
+            backend_url=args.ray_backend_url,
         )
+        serve(args.host, args.port, args.data_dir, options, args.database_url)
     except (AlreadyRunningError, StartupError) as err:
         sys.stderr.write(f"Error: {err}\n")
         raise SystemExit(EXIT_CANNOT_START) from None

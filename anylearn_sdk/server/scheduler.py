@@ -20,10 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from anylearn_sdk.server.db import Mirror, QuotaGroup, TrainTask, utcnow
+from anylearn_sdk.server.db import Mirror, QuotaGroup, Token, TrainTask, utcnow
 from anylearn_sdk.server.executors.base import (
     Executor,
     Exited,
@@ -179,6 +179,7 @@ class Scheduler:
             ):
                 task.runner = None
             session.commit()
+        self.executor.recovered()
 
     def _lost(self, session: Session, task: TrainTask, reason: str) -> None:
         """A task's processes vanished without an exit status (``reason``: its node died, its
@@ -203,6 +204,7 @@ class Scheduler:
         task.state = TaskState.QUEUED.value
         task.runner = None
         task.pids = []
+        session.execute(delete(Token).where(Token.task_id == task.id))  # the next gets its own
 
     # one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -319,6 +321,7 @@ class Scheduler:
         task.exit_code = code
         task.error = error
         task.finished_at = utcnow()
+        session.execute(delete(Token).where(Token.task_id == task.id))
         TaskPaths.of(self.tasks_root, task).note(
             f"task {state.value}" + (f": {error}" if error else "")
         )

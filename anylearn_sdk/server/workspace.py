@@ -151,28 +151,23 @@ class Prepared:
         return {"environment": self.environment, "python": python, "env": self.env}
 
 
-class Workspace:
-    """Prepares attempts on the backend's machine, from its repositories and object store."""
+class Preparer:
+    """Prepares attempts in ``tasks_root``; subclasses say where code and data come from."""
 
-    def __init__(
-        self,
-        *,
-        sessions: sessionmaker,
-        objects: ObjectStore,
-        repos_root: Path,
-        tasks_root: Path,
-        materialized_root: Path,
-        environments: Environments,
-    ):
-        self.sessions = sessions
-        self.objects = objects
-        self.repos_root = repos_root
+    def __init__(self, *, tasks_root: Path, environments: Environments):
         self.tasks_root = tasks_root
-        self.materialized_root = materialized_root
         self.environments = environments
 
     def paths(self, spec: RunSpec) -> TaskPaths:
         return TaskPaths.of(self.tasks_root, spec)
+
+    def checkout(self, spec: RunSpec, dest: Path) -> None:
+        """Write the tree of ``spec.commit`` into ``dest``; raise PrepareError if it cannot."""
+        raise NotImplementedError
+
+    def mount_path(self, spec: RunSpec, kind: str, ref: str) -> Path:
+        """The folder of mount ``ref`` (a dataset, model or earlier task) of ``kind``."""
+        raise NotImplementedError
 
     def prepare(self, spec: RunSpec) -> Prepared:
         """Check out the code, materialize the mounts, build the command line, and start (or
@@ -188,15 +183,10 @@ class Workspace:
             # A re-run continues in the working directory it was lost in, output included.
             paths.note(f"attempt {spec.attempt}, in the same working directory")
         else:
-            try:
-                gitrepos.checkout(
-                    self.repos_root / f"{spec.algorithm_id}.git", spec.commit, paths.code
-                )
-            except RuntimeError as err:
-                raise PrepareError(str(err)) from err
+            self.checkout(spec, paths.code)
             check_output(spec, paths)
         mounts = {
-            kind: [self._mount_path(kind, ref) for ref in ids]
+            kind: [self.mount_path(spec, kind, ref) for ref in ids]
             for kind in MOUNT_KINDS
             if (ids := (spec.mounts.get(kind) or {}).get("ids"))
         }
@@ -210,7 +200,33 @@ class Workspace:
             raise PrepareError(f"cannot read {REQUIREMENTS_FILE}: {err}") from err
         return Prepared(spec, paths, command, env, key, build)
 
-    def _mount_path(self, kind: str, ref: str) -> Path:
+
+class Workspace(Preparer):
+    """Prepares attempts on the backend's machine, from its repositories and object store."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker,
+        objects: ObjectStore,
+        repos_root: Path,
+        tasks_root: Path,
+        materialized_root: Path,
+        environments: Environments,
+    ):
+        super().__init__(tasks_root=tasks_root, environments=environments)
+        self.sessions = sessions
+        self.objects = objects
+        self.repos_root = repos_root
+        self.materialized_root = materialized_root
+
+    def checkout(self, spec: RunSpec, dest: Path) -> None:
+        try:
+            gitrepos.checkout(self.repos_root / f"{spec.algorithm_id}.git", spec.commit, dest)
+        except RuntimeError as err:
+            raise PrepareError(str(err)) from err
+
+    def mount_path(self, spec: RunSpec, kind: str, ref: str) -> Path:
         with self.sessions() as session:
             if kind == "pretrain":
                 earlier = session.get(TrainTask, ref)

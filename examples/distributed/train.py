@@ -32,6 +32,7 @@ def main() -> int:
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     where = f"node {os.environ['NODE_RANK']} local rank {os.environ['LOCAL_RANK']}"
+    host = os.environ.get("ANYLEARN_NODE_ID")  # the Ray node it runs on, on the Ray executor
     if rank == args.fail_rank:
         say(f"rank {rank} ({where}): failing on purpose")
         return 3
@@ -39,7 +40,9 @@ def main() -> int:
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     expected = world * (world + 1) / 2
-    say(f"rank {rank}/{world} ({where}): all_reduce sum {value.item():g}, expected {expected:g}")
+    on = f" on Ray node {host}" if host else ""
+    total = f"all_reduce sum {value.item():g}, expected {expected:g}"
+    say(f"rank {rank}/{world} ({where}): {total}{on}")
     dist.barrier()
     dist.destroy_process_group()
     if value.item() != expected:

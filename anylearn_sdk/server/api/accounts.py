@@ -92,6 +92,26 @@ def issue_token(
     return secret, row
 
 
+def issue_task_token(session: Session, task: TrainTask) -> str:
+    """A token of ``task``'s owner scoped to that task (its code and data, while it is QUEUED
+    or RUNNING; see :func:`~anylearn_sdk.server.context.check_task_scope`). The caller
+    commits; :func:`revoke_task_tokens` removes it when the task ends."""
+    secret = "al_" + secrets.token_urlsafe(32)
+    session.add(
+        Token(
+            user_id=task.owner_id,
+            token_sha256=hash_token(secret),
+            name=f"task {task.id}",
+            task_id=task.id,
+        )
+    )
+    return secret
+
+
+def revoke_task_tokens(session: Session, task_id: str) -> None:
+    session.execute(delete(Token).where(Token.task_id == task_id))
+
+
 @router.post("/auth/login", tags=["auth"], response_model=LoginResult)
 def login(body: LoginBody, session: DB) -> LoginResult:
     """Exchange a username and password for a new bearer token."""
@@ -171,8 +191,11 @@ def remove_user(username: str, admin: AdminUser, session: DB, ctx: Ctx) -> Respo
 
 @router.get("/tokens", tags=["tokens"], response_model=list[TokenRecord])
 def list_tokens(user: CurrentUser, session: DB) -> list[TokenRecord]:
-    """The calling user's tokens, oldest first, without their secrets."""
-    rows = session.scalars(select(Token).where(Token.user_id == user.id).order_by(Token.id))
+    """The calling user's tokens, oldest first, without their secrets (tasks' own tokens,
+    which live only while their task runs, are not listed)."""
+    rows = session.scalars(
+        select(Token).where(Token.user_id == user.id, Token.task_id.is_(None)).order_by(Token.id)
+    )
     return [token_record(t) for t in rows]
 
 

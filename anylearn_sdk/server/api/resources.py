@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterable
 
 from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -50,6 +51,25 @@ def missing_objects(body: DigestList, user: CurrentUser, session: DB, ctx: Ctx) 
     if bad:
         raise bad_request(f"not a sha256 digest: {bad[0]!r}")
     return MissingObjects(missing=missing_for(session, ctx.objects, user.id, body.digests))
+
+
+@objects_router.get(
+    "/{sha256}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def get_object(sha256: str, user: CurrentUser, session: DB, ctx: Ctx) -> FileResponse:
+    """The bytes of a stored object the caller owns (``ETag`` is its sha256), so a node can
+    fetch the objects it lacks and verify each; 404 for any other digest, so nobody learns
+    whether someone else holds a file."""
+    if not SHA256_HEX.fullmatch(sha256) or session.get(ObjectRef, (user.id, sha256)) is None:
+        raise not_found("object", sha256)
+    path = ctx.objects.path_for(sha256)
+    if not path.is_file():
+        raise not_found("object", sha256)
+    return FileResponse(
+        path, media_type="application/octet-stream", headers={"ETag": f'"{sha256}"'}
+    )
 
 
 def resource_record(

@@ -146,6 +146,10 @@ class Executor(Protocol):
         """Follow an attempt an earlier backend process started, from the ``handle`` of its
         :class:`Running` status."""
 
+    def recovered(self) -> None:
+        """The scheduler attached to every task it follows: remove what the executor holds
+        for no followed task (what a backend that died left behind)."""
+
     def poll(self, task_id: str) -> Status:
         """Where the attempt is (see the statuses above). A task the executor does not know is
         :class:`Lost`. After an :class:`Exited`, :class:`Lost` or :class:`Failed` answer the

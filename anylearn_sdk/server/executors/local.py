@@ -126,6 +126,9 @@ class LocalExecutor:
         with self._lock:
             self._jobs[task_id] = job
 
+    def recovered(self) -> None:
+        pass  # ranks a dead backend left are found by attach (their records) or never started
+
     def poll(self, task_id: str) -> Status:
         with self._lock:
             job = self._jobs.get(task_id)

@@ -1,0 +1,428 @@
+"""Run tasks on an existing Ray cluster (``anylearn server start --executor ray
+--ray-address ADDRESS``); Ray (the ``ray`` extra) is imported only here.
+
+The backend stays the quota authority; Ray only places. An admitted attempt:
+
+1. reserves ``num_nodes`` bundles of its request (CPU, GPU, memory) in a detached placement
+   group, strategy STRICT_SPREAD (one bundle per node), named ``anylearn-<task>-<attempt>``
+   in the backend's own namespace. The task stays QUEUED, its quota held, until the group is
+   ready;
+2. starts one detached, named actor per bundle (:class:`~.node.NodeAgent`, named
+   ``anylearn-<task>-<attempt>-<node>``), which fetches the code and data over HTTP with a
+   token scoped to the task and builds the environment on its node;
+3. starts each node's ranks with node 0's address as ``MASTER_ADDR`` and a free port there as
+   ``MASTER_PORT``; ``NODE_RANK`` is the bundle index. The task is RUNNING from then.
+
+While it runs, each node's log is pulled by offset and appended to the task's log. The
+offsets, with the log's size after the last append, are part of the task's record (the
+handle), so a backend restarted while the task runs truncates the log to that size, finds the
+actors by name and goes on from those offsets: no line lost, none twice. A rank that fails
+ends the whole task (the other nodes' ranks are ended: fail fast); a node that dies makes the
+attempt lost, and the scheduler runs it again. At the end (and every
+:data:`OUTPUT_SYNC_SECONDS`) node 0's output folder is copied back to the backend. Cancel and
+the end of an attempt remove its actors (their ranks die with them) and its placement group;
+when the backend starts, whatever of its namespace no task runs is removed (a sweep).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from sqlalchemy.orm import sessionmaker
+
+from anylearn_sdk.server.db import TrainTask
+from anylearn_sdk.server.executors.base import (
+    Exited,
+    Failed,
+    Lost,
+    Preparing,
+    Running,
+    RunSpec,
+    Status,
+)
+from anylearn_sdk.server.executors.node import NodeAgent
+from anylearn_sdk.server.executors.ranks import CANCEL_GRACE_SECONDS
+from anylearn_sdk.server.workspace import TaskPaths
+
+log = logging.getLogger(__name__)
+#: Seconds between two pulls of the nodes' logs and states.
+MONITOR_SECONDS = 0.25
+#: Seconds between two copies of node 0's output folder to the backend while a task runs.
+OUTPUT_SYNC_SECONDS = 30.0
+#: Seconds a call to a node agent may take before the node is taken for dead.
+CALL_TIMEOUT = 60.0
+#: Where nodes keep their caches: ``<root>/<node id>``.
+DEFAULT_NODE_CACHE = "/tmp/anylearn-node-cache"  # noqa: S108 - a per-node cache, not secrets
+_PREFIX = "anylearn-"
+_Agent = ray.remote(NodeAgent)
+
+
+def bundle(request: dict[str, float]) -> dict[str, float]:
+    """A Ray bundle holding ``request`` (cores, MiB, GPUs) on one node."""
+    amounts = {"CPU": float(request.get("cpu", 0)), "GPU": float(request.get("gpu", 0))}
+    memory = int(request.get("memory_mb", 0)) * 2**20
+    if memory:
+        amounts["memory"] = float(memory)
+    return {k: v for k, v in amounts.items() if v} or {"CPU": 0.001}
+
+
+@dataclass
+class _Attempt:
+    """One attempt on the cluster, followed by its own thread."""
+
+    spec: RunSpec
+    names: list[str] = field(default_factory=list)  # the actors' names, by node
+    offsets: list[int] = field(default_factory=list)  # of each node's log, pulled so far
+    log_size: int = 0  # of the backend's task log after the last pull
+    status: Status = field(default_factory=Preparing)
+    reported: bool = True  # the handle in ``status`` was reported to the scheduler
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    detached: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def group(self) -> str:
+        return f"{_PREFIX}{self.spec.task_id}-{self.spec.attempt}"
+
+    def handle(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_json(),
+            "actors": self.names,
+            "log": {"size": self.log_size, "offsets": self.offsets},
+        }
+
+
+class RayExecutor:
+    """Runs each attempt as a placement group and one node agent per node (see the module).
+
+    Args:
+        address: the cluster (``auto``, ``HOST:PORT`` or ``ray://...``).
+        namespace: the Ray namespace of this backend's groups and actors.
+        sessions: the backend's database (tasks' tokens are issued there).
+        tasks_root: the backend's task folders (logs and outputs).
+        backend_url: the backend's address as the nodes reach it.
+        node_cache: where each node keeps its cache (``<node_cache>/<node id>``).
+        issue_token: makes a token scoped to a task (``(session, task) -> secret``).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        namespace: str,
+        sessions: sessionmaker,
+        tasks_root: Path,
+        backend_url: str,
+        issue_token: Callable[[Any, TrainTask], str],
+        node_cache: str = DEFAULT_NODE_CACHE,
+    ):
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        self.namespace = namespace
+        self.sessions = sessions
+        self.tasks_root = tasks_root
+        self.backend_url = backend_url
+        self.issue_token = issue_token
+        self.node_cache = node_cache
+        self.gpus = 0  # GPUs are Ray's to hand out; the local device count does not apply
+        self._attempts: dict[str, _Attempt] = {}
+        self._lock = threading.Lock()
+        self._listener: Callable[[], object] = lambda: None
+
+    # the interface ---------------------------------------------------------------------------
+    def listen(self, callback: Callable[[], object]) -> None:
+        self._listener = callback
+
+    def has_room(self, spec: RunSpec) -> bool:
+        return True  # an attempt waits for its placement group, QUEUED with its quota held
+
+    def check(self, num_nodes: int, request: dict[str, float]) -> None:
+        wanted = bundle(request)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        able = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wanted.items())]
+        if len(able) < num_nodes:
+            shown = ", ".join(f"{k}={v:g}" for k, v in wanted.items())
+            raise ValueError(
+                f"{num_nodes} node(s) of {shown} each: the Ray cluster has {len(able)} such "
+                f"node(s) of {len(nodes)}"
+            )
+
+    def submit(self, spec: RunSpec) -> None:
+        attempt = _Attempt(spec)
+        with self._lock:
+            self._attempts[spec.task_id] = attempt
+        self._thread(attempt, self._run, attempt)
+
+    def attach(self, task_id: str, handle: Any) -> None:
+        """Follow an attempt from its handle: find its actors by name, truncate the task's
+        log to the recorded size and go on pulling from the recorded offsets."""
+        try:
+            attempt = _Attempt(RunSpec.from_json(handle["spec"]), list(handle["actors"]))
+            attempt.offsets = [int(o) for o in handle["log"]["offsets"]]
+            attempt.log_size = int(handle["log"]["size"])
+        except (KeyError, TypeError, ValueError):
+            return  # not a record of this executor: poll answers Lost
+        attempt.status = Running()
+        with self._lock:
+            self._attempts[task_id] = attempt
+        self._thread(attempt, self._resume, attempt)
+
+    def recovered(self) -> None:
+        """Remove the groups and actors of this namespace that no followed attempt owns
+        (those of a backend that died while it placed or ended them)."""
+        from ray.util.state import list_actors, list_placement_groups
+
+        with self._lock:
+            keep = {a.group for a in self._attempts.values()}
+        for actor in list_actors(filters=[("ray_namespace", "=", self.namespace)], limit=10_000):
+            name = actor.name or ""
+            group = name.rsplit("-", 1)[0]
+            if name.startswith(_PREFIX) and group not in keep and actor.state != "DEAD":
+                _kill_actor(name, self.namespace)
+        for group in list_placement_groups(limit=10_000):
+            name = group.name or ""
+            if name.startswith(_PREFIX) and name not in keep and group.state != "REMOVED":
+                _remove_group(name, self.namespace)
+
+    def poll(self, task_id: str) -> Status:
+        with self._lock:
+            attempt = self._attempts.get(task_id)
+            if attempt is None:
+                return Lost("the backend does not know its Ray actors")
+            status = attempt.status
+            if isinstance(status, Running) and attempt.reported:
+                return Running()
+            attempt.reported = True
+            if isinstance(status, Exited | Lost | Failed):
+                self._attempts.pop(task_id, None)
+            return status
+
+    def cancel(self, task_id: str) -> None:
+        """The attempt's thread ends its ranks (TERM, grace, KILL), pulls the last lines and
+        removes its actors and placement group; one still being prepared is removed now."""
+        with self._lock:
+            attempt = self._attempts.pop(task_id, None)
+        if attempt is None:
+            return
+        attempt.cancelled.set()
+        if not isinstance(attempt.status, Running):
+            threading.Thread(target=self._end, args=(attempt, None), daemon=True).start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            attempts = list(self._attempts.values())
+            self._attempts.clear()
+        for attempt in attempts:
+            attempt.detached.set()  # the actors run on; a restarted backend attaches
+
+    # one attempt, on its own thread ------------------------------------------------------------
+    def _thread(self, attempt: _Attempt, target: Callable, *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            except Exception as err:  # noqa: BLE001 - the attempt ends; the reason is kept
+                log.exception("Ray attempt %s failed", attempt.group)
+                self._end(attempt, Lost(f"the Ray executor failed: {err}"))
+
+        threading.Thread(target=run, name=attempt.group, daemon=True).start()
+
+    def _set(self, attempt: _Attempt, status: Status) -> None:
+        with self._lock:
+            attempt.status = status
+            attempt.reported = False
+        self._listener()
+
+    def _run(self, attempt: _Attempt) -> None:
+        spec = attempt.spec
+        paths = TaskPaths.of(self.tasks_root, spec)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        with self.sessions() as session:
+            token = self.issue_token(session, session.get(TrainTask, spec.task_id))
+            session.commit()
+        group = placement_group(
+            [bundle(spec.request)] * spec.num_nodes,
+            strategy="STRICT_SPREAD",
+            name=attempt.group,
+            lifetime="detached",
+        )
+        paths.note(f"waiting for {spec.num_nodes} Ray node(s) of {bundle(spec.request)} each")
+        while not group.wait(timeout_seconds=1):
+            if attempt.cancelled.is_set() or attempt.detached.is_set():
+                _remove_group(attempt.group, self.namespace)
+                return
+        attempt.names = [f"{attempt.group}-{i}" for i in range(spec.num_nodes)]
+        agents = [
+            _Agent.options(
+                name=name,
+                lifetime="detached",
+                num_cpus=0,
+                num_gpus=float(spec.request.get("gpu", 0)),
+                max_restarts=0,
+                max_concurrency=4,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=i
+                ),
+            ).remote(spec.to_json(), i, self.backend_url, token, self.node_cache)
+            for i, name in enumerate(attempt.names)
+        ]
+        try:
+            nodes = ray.get([a.where.remote() for a in agents], timeout=CALL_TIMEOUT)
+            paths.note(
+                "nodes: " + ", ".join(f"{i}={n['node_id'][:12]}" for i, n in enumerate(nodes))
+            )
+            prepared = ray.get([a.prepare.remote() for a in agents])
+            if attempt.cancelled.is_set():
+                self._end(attempt, None)
+                return
+            master = nodes[0]
+            ray.get(
+                [a.start.remote(master["address"], master["port"]) for a in agents],
+                timeout=CALL_TIMEOUT,
+            )
+        except RayTaskError as err:
+            self._end(attempt, Failed(_cause(err)))
+            return
+        except (RayActorError, ray.exceptions.GetTimeoutError) as err:
+            self._end(attempt, Lost(f"a node agent died while starting: {_cause(err)}"))
+            return
+        attempt.offsets = [0] * spec.num_nodes
+        attempt.log_size = paths.log.stat().st_size if paths.log.exists() else 0
+        runtime = {**prepared[0]["runtime"], "nodes": [n["node_id"] for n in nodes]}
+        self._set(attempt, Running(attempt.handle(), prepared[0]["command"], runtime))
+        self._monitor(attempt, agents, paths)
+
+    def _resume(self, attempt: _Attempt) -> None:
+        paths = TaskPaths.of(self.tasks_root, attempt.spec)
+        try:
+            agents = [ray.get_actor(name, namespace=self.namespace) for name in attempt.names]
+        except ValueError:
+            self._end(attempt, Lost("its node agents are gone"))
+            return
+        if paths.log.exists() and paths.log.stat().st_size > attempt.log_size:
+            # Lines appended after the last recorded pull are pulled again from its offsets.
+            with open(paths.log, "r+b") as f:
+                f.truncate(attempt.log_size)
+        self._monitor(attempt, agents, paths)
+
+    def _monitor(self, attempt: _Attempt, agents: list, paths: TaskPaths) -> None:
+        synced = time.monotonic()
+        while not attempt.detached.is_set():
+            if attempt.cancelled.is_set():
+                self._stop(agents)
+                self._pull(attempt, agents, paths, final=True)
+                self._end(attempt, None)
+                return
+            try:
+                states = ray.get([a.poll.remote() for a in agents], timeout=CALL_TIMEOUT)
+                self._pull(attempt, agents, paths, final=False)
+            except (RayActorError, ray.exceptions.GetTimeoutError) as err:
+                self._stop(agents)
+                self._end(attempt, Lost(f"a node died: {_cause(err)}"))
+                return
+            failed = [(i, code) for i, (state, code) in enumerate(states) if state != "running"]
+            bad = [(i, c) for i, c in failed if c != 0]
+            if bad or len(failed) == len(agents):
+                if bad:
+                    self._stop(agents)  # fail fast across nodes
+                self._pull(attempt, agents, paths, final=True)
+                self._sync_output(agents[0], paths)
+                node, code = bad[0] if bad else (0, 0)
+                if code is None:
+                    status = Lost(f"a rank on node {node} vanished without an exit status")
+                else:
+                    status = Exited(code)
+                self._end(attempt, status)
+                return
+            if time.monotonic() - synced > OUTPUT_SYNC_SECONDS:
+                self._sync_output(agents[0], paths)
+                synced = time.monotonic()
+            time.sleep(MONITOR_SECONDS)
+
+    def _pull(self, attempt: _Attempt, agents: list, paths: TaskPaths, *, final: bool) -> None:
+        """Append what each node logged since its offset to the task's log; record the new
+        offsets and the log's size together (reported to the scheduler as the handle)."""
+        method = "flush_log" if final else "read_log"
+        try:
+            chunks = ray.get(
+                [
+                    getattr(a, method).remote(o)
+                    for a, o in zip(agents, attempt.offsets, strict=True)
+                ],
+                timeout=CALL_TIMEOUT,
+            )
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            if final:
+                return
+            raise
+        if not any(data for data, _ in chunks):
+            return
+        with open(paths.log, "ab") as out:
+            for data, _ in chunks:
+                out.write(data)
+            size = out.tell()
+        with self._lock:
+            attempt.offsets = [offset for _, offset in chunks]
+            attempt.log_size = size
+        self._set(attempt, Running(attempt.handle()))
+
+    def _sync_output(self, agent: Any, paths: TaskPaths) -> None:
+        """Copy node 0's output folder over the backend's (members checked by tarfile's
+        ``data`` filter: no absolute paths, links out of it, or devices)."""
+        try:
+            archive = ray.get(agent.output_archive.remote(), timeout=CALL_TIMEOUT)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        paths.output.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(paths.output, filter="data")
+
+    def _stop(self, agents: list) -> None:
+        try:
+            ray.get([a.cancel.remote(CANCEL_GRACE_SECONDS) for a in agents],
+                    timeout=CANCEL_GRACE_SECONDS + CALL_TIMEOUT)  # fmt: skip
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # a dead node's ranks died with its agent
+
+    def _end(self, attempt: _Attempt, status: Status | None) -> None:
+        """Remove the attempt's actors (their ranks die with them) and placement group; then
+        report ``status`` (None: cancelled, nothing to report)."""
+        for name in attempt.names:
+            _kill_actor(name, self.namespace)
+        _remove_group(attempt.group, self.namespace)
+        if status is not None:
+            self._set(attempt, status)
+
+
+def _cause(err: BaseException) -> str:
+    """The one-line message of the error behind a Ray error."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__
+
+
+def _kill_actor(name: str, namespace: str) -> None:
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:
+        pass  # already gone
+
+
+def _remove_group(name: str, namespace: str) -> None:
+    from ray.util import get_placement_group
+
+    try:
+        remove_placement_group(get_placement_group(name))
+    except ValueError:
+        pass  # already gone

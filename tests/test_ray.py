@@ -1,0 +1,43 @@
+"""The Ray executor's suite (``tests/on_ray/``), run inside a network namespace that has only
+loopback (``unshare -n``), since Ray binds the host's address: nothing but loopback is used.
+
+It needs root (to make the namespace) and Ray (``pip install 'anylearn-sdk[ray]'``); where
+either is missing the test is skipped, unless ``ANYLEARN_TEST_REQUIRE`` names ``ray`` (as
+``.ci/run`` does), which fails it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ray_suite_in_a_loopback_only_network():
+    missing = []
+    if importlib.util.find_spec("ray") is None:
+        missing.append("Ray (pip install 'anylearn-sdk[ray]')")
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        missing.append("root with unshare and ip (a loopback-only network namespace)")
+    if missing:
+        if "ray" in os.environ.get("ANYLEARN_TEST_REQUIRE", "").split(","):
+            pytest.fail("the Ray tests need " + " and ".join(missing))
+        pytest.skip("the Ray tests need " + " and ".join(missing))
+    pytest_cmd = f"{sys.executable} -m pytest -p no:cacheprovider -q tests/on_ray"
+    inner = f"ip link set lo up && exec {pytest_cmd}"
+    run = subprocess.run(
+        ["unshare", "--net", "sh", "-c", inner],
+        cwd=ROOT,
+        env={**os.environ, "ANYLEARN_RAY_NETNS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
