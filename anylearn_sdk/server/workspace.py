@@ -84,7 +84,9 @@ def task_command(
     """
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     env["PATH"] = search_path(paths.bin)
-    env.update(PYTHONUNBUFFERED="1", ANYLEARN_TASK_ID=spec.task_id)
+    env.update(
+        PYTHONUNBUFFERED="1", ANYLEARN_TASK_ID=spec.task_id, ANYLEARN_ATTEMPT=str(spec.attempt)
+    )
     env[MOUNT_ENV_VARS["output"]] = str(paths.output)
     mount_params: dict[str, str] = {}
     for kind, folders in mounts.items():

@@ -68,3 +68,13 @@ def ray_backend(cluster, tmp_path_factory):
     backend = RayBackend(root / "data", root / "node-cache", cluster.address).start()
     yield backend
     backend.stop()
+
+
+@pytest.fixture(scope="session")
+def driver(cluster):
+    """The test process connected to the cluster, for Ray's state API."""
+    import ray
+
+    ray.init(address=cluster.address, namespace="anylearn-tests", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from anylearn_sdk import TaskState, init_sdk, quick_train
+from anylearn_sdk import TaskState, add_quota_group, init_sdk, quick_train
+from anylearn_sdk.errors import BadRequestError
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -44,3 +47,160 @@ def test_distributed_example_spans_both_nodes(sdk):
     assert nodes[0] == nodes[1] != nodes[2] == nodes[3]
     assert len(task.refresh().runtime.model_dump().get("nodes", []) or [0, 0]) == 2
     assert log.count("all_reduce sum 10") == 4  # each line once
+
+
+#: Prints a line every 0.1 s, ``--lines`` of them, or until ``--until`` exists; says its pid.
+TICKER = """
+import argparse, os, pathlib, time
+p = argparse.ArgumentParser()
+p.add_argument("--lines", type=int, default=10**9)
+p.add_argument("--until", default="")
+a = p.parse_args()
+rank = os.environ["RANK"]
+print(f"pid {os.getpid()} rank {rank} attempt {os.environ['ANYLEARN_ATTEMPT']}", flush=True)
+for i in range(a.lines):
+    if a.until and pathlib.Path(a.until).exists():
+        break
+    print(f"rank {rank} line {i}", flush=True)
+    time.sleep(0.1)
+out = pathlib.Path(os.environ["ANYLEARN_OUTPUT_DIR"])
+if rank == "0":
+    (out / "done.txt").write_text("ok")
+"""
+
+
+def ticker(tmp_path: Path) -> Path:
+    folder = tmp_path / "ticker"
+    folder.mkdir(exist_ok=True)
+    (folder / "tick.py").write_text(TICKER)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def big_group(ray_backend):
+    """A quota group larger than the cluster, so the cluster is what limits."""
+    init_sdk(ray_backend.url, token=ray_backend.token)
+    add_quota_group("cluster", capacity={"cpu": 64})
+    return "cluster"
+
+
+def test_a_dataset_reaches_new_nodes_verified_and_then_is_cached(sdk, tmp_path, big_group):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(200):
+        (data / f"f{i:03}.txt").write_text(f"file {i}\n" * (i + 1))
+    script = "import os; print(len(os.listdir(os.environ['ANYLEARN_DATASET_DIR'])), 'files')\n"
+    (tmp_path / "count").mkdir()
+    (tmp_path / "count" / "count.py").write_text(script)
+    common = dict(
+        algorithm_dir=tmp_path / "count",
+        dataset_dir=data,
+        entrypoint="python count.py",
+        num_nodes=2,
+        quota_group_name=big_group,
+        quota_group_request={"cpu": 1},
+    )
+    first = quick_train(**common)[0]
+    assert first.wait(timeout=120, poll_interval=0.2) == TaskState.SUCCEEDED, first.logs()[0]
+    log = first.logs()[0]
+    for node in (0, 1):
+        assert re.search(rf"node {node}: fetched 200 objects \(\d+ bytes\)", log), log
+    assert log.count("200 files") == 2
+    second = quick_train(**common)[0]
+    assert second.wait(timeout=120, poll_interval=0.2) == TaskState.SUCCEEDED
+    log = second.logs()[0]
+    for node in (0, 1):
+        assert f"node {node}: fetched 0 objects (0 bytes)" in log, log
+    caches = [p for p in sdk.cache.iterdir() if p.is_dir()]
+    assert len(caches) == 2  # one per node, each with its own copy
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_cancel_leaves_no_rank_actor_or_placement_group(sdk, tmp_path, big_group, driver):
+    from ray.util.state import list_actors, list_placement_groups
+
+    task = quick_train(
+        algorithm_dir=ticker(tmp_path),
+        entrypoint="python tick.py",
+        num_nodes=2,
+        nproc_per_node=2,
+        quota_group_name=big_group,
+        quota_group_request={"cpu": 1},
+    )[0]
+    log = wait_for(task, lambda text: text.count("line 3") == 4)
+    pids = [int(p) for p in re.findall(r"pid (\d+) rank", log)]
+    assert len(pids) == 4
+    task.cancel()
+    assert task.refresh().state == TaskState.CANCELLED
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)]
+        actors = [
+            a for a in list_actors(filters=[("state", "=", "ALIVE")]) if task.id in (a.name or "")
+        ]
+        groups = [
+            g for g in list_placement_groups() if task.id in (g.name or "") and g.state != "REMOVED"
+        ]
+        if not (alive or actors or groups):
+            break
+        time.sleep(0.5)
+    assert (alive, actors, groups) == ([], [], [])
+
+
+def test_a_task_waits_for_room_and_one_too_big_is_refused(sdk, tmp_path, big_group):
+    release = tmp_path / "release"
+    common = dict(
+        algorithm_dir=ticker(tmp_path),
+        num_nodes=2,
+        quota_group_name=big_group,
+        quota_group_request={"cpu": 2},  # each node's every CPU
+    )
+    first = quick_train(entrypoint=f"python tick.py --until {release}", **common)[0]
+    wait_for(first, lambda text: "line 2" in text)
+    second = quick_train(entrypoint="python tick.py --lines 3", **common)[0]
+    time.sleep(3)
+    assert second.refresh().state == TaskState.QUEUED  # its placement group waits
+    release.touch()
+    assert first.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+    assert second.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+    with pytest.raises(BadRequestError, match=r"never be placed: 3 node\(s\) of CPU=2 each"):
+        quick_train(entrypoint="python tick.py", **{**common, "num_nodes": 3})
+
+
+def test_a_killed_backend_comes_back_and_the_task_finishes_whole(sdk, tmp_path, big_group):
+    task = quick_train(
+        algorithm_dir=ticker(tmp_path),
+        entrypoint="python tick.py --lines 60",
+        num_nodes=2,
+        quota_group_name=big_group,
+        quota_group_request={"cpu": 1},
+    )[0]
+    wait_for(task, lambda text: "rank 1 line 10" in text)
+    sdk.kill()  # SIGKILL, mid-task
+    time.sleep(1)
+    sdk.start()
+    init_sdk(sdk.url, token=sdk.token)
+    assert task.wait(timeout=120, poll_interval=0.2) == TaskState.SUCCEEDED, task.logs()[0]
+    assert task.refresh().attempt == 1
+    log = task.logs()[0]
+    for rank in (0, 1):
+        for i in range(60):
+            assert log.count(f"rank {rank} line {i}\n") == 1, (rank, i, log)
+    assert (sdk.data_dir / "tasks" / task.id / "code" / "output" / "done.txt").read_text() == "ok"
+
+
+def wait_for(task, done, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = task.logs()[0]
+        if done(log):
+            return log
+        assert not task.refresh().state.is_terminal, log
+        time.sleep(0.2)
+    raise AssertionError(task.logs()[0])
