@@ -310,12 +310,14 @@ class TaskInput(Record):
 
 class TaskRuntime(Record):
     """How the current attempt runs: its environment's key (None without a requirements.txt),
-    the interpreter, the GPU indices and the variables every rank gets."""
+    the interpreter, the GPU indices (local executor), the variables every rank gets, and on
+    the Ray executor the id of the Ray node of each node rank."""
 
     environment: str | None = None
     python: str | None = None
     gpus: list[int] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    nodes: list[str] = Field(default_factory=list)
 
 
 class TaskRecord(Record):

@@ -45,7 +45,7 @@ def test_distributed_example_spans_both_nodes(sdk):
         assert line, log[-4000:]
         nodes[rank] = line[1]
     assert nodes[0] == nodes[1] != nodes[2] == nodes[3]
-    assert len(task.refresh().runtime.model_dump().get("nodes", []) or [0, 0]) == 2
+    assert task.refresh().runtime.nodes == [nodes[0], nodes[2]]
     assert log.count("all_reduce sum 10") == 4  # each line once
 
 
@@ -204,3 +204,28 @@ def wait_for(task, done, timeout: float = 120) -> str:
         assert not task.refresh().state.is_terminal, log
         time.sleep(0.2)
     raise AssertionError(task.logs()[0])
+
+
+def test_a_dead_node_makes_the_task_run_again_and_leaves_nothing(sdk, tmp_path, big_group, cluster):
+    """Runs last: it removes a node (a third one joins first, so two remain)."""
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    task = quick_train(
+        algorithm_dir=ticker(tmp_path),
+        entrypoint="python tick.py --lines 40",
+        num_nodes=2,
+        quota_group_name=big_group,
+        quota_group_request={"cpu": 1},
+    )[0]
+    log = wait_for(task, lambda text: "rank 1 line 5" in text)
+    first = [int(p) for p in re.findall(r"pid (\d+) rank \d attempt 1", log)]
+    assert len(first) == 2
+    used = set(task.refresh().runtime.nodes)
+    head = cluster.head_node.node_id
+    victim = next(n for n in cluster.worker_nodes if n.node_id in used and n.node_id != head)
+    cluster.remove_node(victim, allow_graceful=False)
+    assert task.wait(timeout=180, poll_interval=0.2) == TaskState.SUCCEEDED, task.logs()[0]
+    assert task.refresh().attempt == 2
+    log = task.logs()[0]
+    assert "attempt 1 lost its processes" in log and "rank 1 line 39" in log
+    assert [p for p in first if running(p)] == []  # nothing of attempt 1 is left on any node
