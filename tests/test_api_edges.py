@@ -15,13 +15,24 @@ import pytest
 import requests
 from tusclient import client as tus_client
 
-from anylearn_sdk import TaskState, gitsync, init_sdk, list_tokens, quick_train, revoke_token
+from anylearn_sdk import (
+    TaskState,
+    add_quota_group,
+    gitsync,
+    init_sdk,
+    list_tokens,
+    quick_train,
+    revoke_token,
+)
 from anylearn_sdk.content.manifest import build_manifest
 from anylearn_sdk.errors import AuthenticationError, GitSyncError
 from anylearn_sdk.resources.algorithm import has_commit
+from anylearn_sdk.server.context import hash_token
+from anylearn_sdk.server.db import Token, make_engine, make_sessionmaker
+from anylearn_sdk.server.db import TrainTask as DbTask
 from anylearn_sdk.session import get_context
 from anylearn_sdk.wire import TUS_VERSION
-from tests.conftest import BadPeer, admin_token, git, start_server
+from tests.conftest import BadPeer, admin_token, database_args, git, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -168,6 +179,74 @@ def test_schemathesis_finds_no_server_error(tmp_path):
         failures = run.stdout.split("FAILURES", 1)[-1]
         assert run.returncode == 0, failures[:6000]
         assert " passed" in run.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_task_token_fetches_only_its_task_code_and_data(tmp_path):
+    """The token a Ray node gets: its task's mounted versions, the owner's objects by sha256
+    and git fetch of its algorithm, while the task is live; nothing else, and nothing after."""
+    data_dir = tmp_path / "server"
+    server, url = start_server(data_dir)
+    try:
+        admin = admin_token(data_dir)
+        init_sdk(url, token=admin)
+        add_quota_group("one", capacity={"cpu": 1})
+        release = tmp_path / "release"
+        algo = tmp_path / "algo"
+        algo.mkdir()
+        (algo / "wait.py").write_text(
+            f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists():\n"
+            "    time.sleep(0.1)\n"
+        )
+        folders = []
+        for name in ("mine", "other"):
+            folder = tmp_path / name
+            folder.mkdir()
+            (folder / f"{name}.txt").write_text(f"{name} data\n")
+            folders.append(folder)
+        common = dict(algorithm_dir=algo, quota_group_name="one", entrypoint="python wait.py")
+        running, _, (other,), _ = quick_train(dataset_dir=folders[1], **common)
+        queued, algorithm, (dataset,), _ = quick_train(dataset_dir=folders[0], **common)
+        secret = "al_task-token-of-the-test"
+        engine = make_engine(
+            (database_args(data_dir) or ["", f"sqlite:///{data_dir}/anylearn-server.db"])[1]
+        )
+        with make_sessionmaker(engine)() as session:
+            owner = session.get(DbTask, queued.id).owner_id
+            session.add(
+                Token(user_id=owner, token_sha256=hash_token(secret), name="t", task_id=queued.id)
+            )
+            session.commit()
+        engine.dispose()
+        api = f"{url}/api/v1"
+        as_task = {"Authorization": f"Bearer {secret}"}
+
+        def get(path: str, **kwargs) -> requests.Response:
+            return requests.get(f"{api}{path}", headers=as_task, timeout=30, **kwargs)
+
+        mine = get(f"/datasets/{dataset.id}", params={"manifest": "true"})
+        assert mine.status_code == 200
+        (entry,) = mine.json()["manifest"]
+        blob = get(f"/objects/{entry['sha256']}")
+        assert blob.status_code == 200 and blob.content == b"mine data\n"
+        assert hashlib.sha256(blob.content).hexdigest() == entry["sha256"]
+        assert get(f"/objects/{'0' * 64}").status_code == 404
+        refs = f"/algorithms/{algorithm.id}/git/info/refs"
+        assert get(refs, params={"service": "git-upload-pack"}).status_code == 200
+        refused = [
+            get(f"/datasets/{other.id}"),  # not this task's mount
+            get("/train-tasks"),
+            get("/users/me"),
+            get(refs, params={"service": "git-receive-pack"}),  # no push
+            requests.post(f"{api}/datasets", headers=as_task, json={}, timeout=30),
+        ]
+        assert [r.status_code for r in refused] == [403] * len(refused)
+        queued.cancel()
+        assert get(f"/datasets/{dataset.id}").status_code == 401  # the task ended
+        release.touch()
+        assert running.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
     finally:
         server.terminate()
         server.wait(timeout=30)

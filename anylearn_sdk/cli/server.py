@@ -46,6 +46,22 @@ def server() -> None:
     help="GPUs tasks may be given (default: as many as `nvidia-smi -L` lists).",
 )
 @click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where tasks run: processes on this machine (default), or a Ray cluster.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="The Ray cluster for --executor ray: auto (default), HOST:PORT or ray://HOST:PORT.",
+)
+@click.option(
+    "--ray-node-cache",
+    default=None,
+    help="Where each Ray node caches code, data and environments (as <it>/<node id>).",
+)
+@click.option(
     "--database-url",
     default=None,
     help="postgresql://USER@HOST:PORT/DB (password in PGPASSWORD or ~/.pgpass); "
@@ -65,6 +81,9 @@ def start(
     max_restarts: int | None,
     gpus: int | None,
     build_timeout: float | None,
+    executor: str | None,
+    ray_address: str | None,
+    ray_node_cache: str | None,
     database_url: str | None,
 ) -> None:
     """Start the backend (in the foreground unless --detach).
@@ -78,6 +97,9 @@ def start(
         ("--max-restarts", max_restarts),
         ("--gpus", gpus),
         ("--build-timeout", build_timeout),
+        ("--executor", executor),
+        ("--ray-address", ray_address),
+        ("--ray-node-cache", ray_node_cache),
         ("--database-url", database_url),
     ):
         options += [] if value is None else [name, str(value)]

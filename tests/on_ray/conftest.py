@@ -27,7 +27,10 @@ def cluster():
         initialize_head=True,
         head_node_args={"num_cpus": 2, "labels": {"anylearn.io/node": "head"}},
     )
-    cluster.add_node(num_cpus=2, labels={"anylearn.io/node": "worker"})
+    cluster.add_node(
+        num_cpus=2,
+        labels={"anylearn.io/node": "worker", "anylearn.io/quota-group": "worker-only"},
+    )
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()

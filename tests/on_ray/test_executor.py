@@ -206,6 +206,25 @@ def wait_for(task, done, timeout: float = 120) -> str:
     raise AssertionError(task.logs()[0])
 
 
+def test_a_quota_group_tied_to_labelled_nodes_runs_only_there(sdk, tmp_path, cluster):
+    """The worker node carries ``anylearn.io/quota-group=worker-only`` (``ray start
+    --labels``): that group's tasks run there, and two nodes of it cannot be had."""
+    add_quota_group("worker-only", capacity={"cpu": 8})
+    (worker,) = [n.node_id for n in cluster.worker_nodes]
+    common = dict(
+        algorithm_dir=ticker(tmp_path),
+        entrypoint="python tick.py --lines 2",
+        quota_group_name="worker-only",
+        quota_group_request={"cpu": 1},
+    )
+    for _ in range(2):
+        task = quick_train(**common)[0]
+        assert task.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+        assert task.refresh().runtime.nodes == [worker]
+    with pytest.raises(BadRequestError, match="labelled anylearn.io/quota-group=worker-only"):
+        quick_train(num_nodes=2, **common)
+
+
 def test_a_dead_node_makes_the_task_run_again_and_leaves_nothing(sdk, tmp_path, big_group, cluster):
     """Runs last: it removes a node (a third one joins first, so two remain)."""
     cluster.add_node(num_cpus=2)

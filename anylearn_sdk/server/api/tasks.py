@@ -120,7 +120,7 @@ def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, s
             f"request ({wanted}) exceeds quota group {group.name!r} capacity ({have})",
         )
     try:
-        ctx.scheduler.executor.check(body.num_nodes, request)
+        ctx.scheduler.executor.check(body.num_nodes, request, group.name)
     except ValueError as err:
         raise bad_request(f"this task can never be placed: {err}") from err
     return request, output, project

@@ -134,9 +134,9 @@ class Executor(Protocol):
         GPU devices); the scheduler admits a task only then. Quota groups are checked by the
         scheduler, not here."""
 
-    def check(self, num_nodes: int, request: dict[str, float]) -> None:
-        """Raise ValueError, naming the limit, if such a task could never be placed (a request
-        bigger than any node, more nodes than there are)."""
+    def check(self, num_nodes: int, request: dict[str, float], quota_group: str = "") -> None:
+        """Raise ValueError, naming the limit, if a task of ``quota_group`` could never be
+        placed (a request bigger than any node, more nodes than there are)."""
 
     def submit(self, spec: RunSpec) -> None:
         """Begin an attempt: prepare, place and start it on the executor's own threads; returns

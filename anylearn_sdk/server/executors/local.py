@@ -91,7 +91,7 @@ class LocalExecutor:
     def has_room(self, spec: RunSpec) -> bool:
         return int(spec.request.get("gpu", 0)) <= len(self._free_gpus())
 
-    def check(self, num_nodes: int, request: dict[str, float]) -> None:
+    def check(self, num_nodes: int, request: dict[str, float], quota_group: str = "") -> None:
         wanted = int(request.get("gpu", 0))
         if wanted > self.gpus:
             raise ValueError(f"gpu {wanted}: this backend's machine has {self.gpus} GPU(s)")

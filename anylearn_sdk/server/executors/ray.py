@@ -66,6 +66,9 @@ CALL_TIMEOUT = 60.0
 #: Where nodes keep their caches: ``<root>/<node id>``.
 DEFAULT_NODE_CACHE = "/tmp/anylearn-node-cache"  # noqa: S108 - a per-node cache, not secrets
 _PREFIX = "anylearn-"
+#: A node labelled ``anylearn.io/quota-group=<name>`` (``ray start --labels``) ties that quota
+#: group to the nodes so labelled: its tasks run only there.
+QUOTA_GROUP_LABEL = "anylearn.io/quota-group"
 _Agent = ray.remote(NodeAgent)
 
 
@@ -148,15 +151,16 @@ class RayExecutor:
     def has_room(self, spec: RunSpec) -> bool:
         return True  # an attempt waits for its placement group, QUEUED with its quota held
 
-    def check(self, num_nodes: int, request: dict[str, float]) -> None:
+    def check(self, num_nodes: int, request: dict[str, float], quota_group: str = "") -> None:
         wanted = bundle(request)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        nodes = _nodes_for(quota_group)
         able = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wanted.items())]
         if len(able) < num_nodes:
             shown = ", ".join(f"{k}={v:g}" for k, v in wanted.items())
+            tied = f" labelled {QUOTA_GROUP_LABEL}={quota_group}" if _tied(quota_group) else ""
             raise ValueError(
                 f"{num_nodes} node(s) of {shown} each: the Ray cluster has {len(able)} such "
-                f"node(s) of {len(nodes)}"
+                f"node(s) of {len(nodes)}{tied}"
             )
 
     def submit(self, spec: RunSpec) -> None:
@@ -251,11 +255,13 @@ class RayExecutor:
         with self.sessions() as session:
             token = self.issue_token(session, session.get(TrainTask, spec.task_id))
             session.commit()
+        selector = {QUOTA_GROUP_LABEL: spec.quota_group} if _tied(spec.quota_group) else {}
         group = placement_group(
             [bundle(spec.request)] * spec.num_nodes,
             strategy="STRICT_SPREAD",
             name=attempt.group,
             lifetime="detached",
+            bundle_label_selector=[selector] * spec.num_nodes if selector else None,
         )
         paths.note(f"waiting for {spec.num_nodes} Ray node(s) of {bundle(spec.request)} each")
         while not group.wait(timeout_seconds=1):
@@ -403,6 +409,24 @@ class RayExecutor:
         _remove_group(attempt.group, self.namespace)
         if status is not None:
             self._set(attempt, status)
+
+
+def _tied(quota_group: str) -> bool:
+    """Whether some live node carries ``anylearn.io/quota-group=<quota_group>``."""
+    return bool(quota_group) and any(
+        (n.get("Labels") or {}).get(QUOTA_GROUP_LABEL) == quota_group
+        for n in ray.nodes()
+        if n.get("Alive")
+    )
+
+
+def _nodes_for(quota_group: str) -> list[dict]:
+    """The live nodes a task of ``quota_group`` may use: those labelled with its name when
+    some are (the group is tied to them), else every one."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if _tied(quota_group):
+        nodes = [n for n in nodes if (n.get("Labels") or {}).get(QUOTA_GROUP_LABEL) == quota_group]
+    return nodes
 
 
 def _cause(err: BaseException) -> str:
