@@ -114,6 +114,9 @@ class ServerOptions:
         ray_address: the Ray cluster (``auto``, ``HOST:PORT``); for the ``ray`` executor.
         ray_node_cache: where each Ray node keeps its cache (``<it>/<node id>``).
         backend_url: the backend's address as Ray nodes reach it (None: where it listens).
+        ray_output_sync: seconds between two copies of node 0's output to the backend.
+        ray_shared_data: the data folder as Ray nodes see it, when they share it (None: they
+            fetch code and data over HTTP).
     """
 
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY
@@ -124,6 +127,8 @@ class ServerOptions:
     ray_address: str = "auto"
     ray_node_cache: str | None = None
     backend_url: str | None = None
+    ray_output_sync: float = 30.0
+    ray_shared_data: str | None = None
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -148,6 +153,8 @@ def _ray_executor(
             backend_url=options.backend_url or url,
             issue_token=issue_task_token,
             node_cache=options.ray_node_cache or DEFAULT_NODE_CACHE,
+            output_sync=options.ray_output_sync,
+            shared_data=options.ray_shared_data,
         )
     except ConnectionError as err:
         raise ExecutorUnavailable(f"--ray-address {options.ray_address}: {err}") from None

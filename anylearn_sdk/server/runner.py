@@ -255,6 +255,19 @@ def main(argv: list[str] | None = None) -> None:
         "(default: /tmp/anylearn-node-cache)",
     )
     parser.add_argument(
+        "--ray-output-sync",
+        type=float,
+        default=30.0,
+        help="seconds between two copies of node 0's output to the backend while a Ray task "
+        "runs (a lost task's next attempt starts from the last copy; default: 30)",
+    )
+    parser.add_argument(
+        "--ray-shared-data",
+        default=None,
+        help="the data folder as the Ray nodes see it, when they share it (a network file "
+        "system): they read code and objects from it instead of fetching them over HTTP",
+    )
+    parser.add_argument(
         "--ray-backend-url",
         default=None,
         help="this backend's address as Ray nodes reach it (default: the one it listens on)",
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: use 0 or more")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: use 0..65535")
-    for option in ("upload_expiry", "build_timeout"):
+    for option in ("upload_expiry", "build_timeout", "ray_output_sync"):
         if getattr(args, option) <= 0:
             flag = f"--{option.replace('_', '-')}"
             parser.error(f"{flag} {getattr(args, option)}: use a positive number of seconds")
@@ -294,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
             ray_address=args.ray_address,
             ray_node_cache=args.ray_node_cache,
             backend_url=args.ray_backend_url,
+            ray_output_sync=args.ray_output_sync,
+            ray_shared_data=args.ray_shared_data,
         )
         serve(args.host, args.port, args.data_dir, options, args.database_url)
     except (AlreadyRunningError, StartupError) as err:

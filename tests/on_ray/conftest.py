@@ -37,8 +37,11 @@ def cluster():
 
 
 class RayBackend:
-    def __init__(self, data_dir, cache, address):
+    """A backend on the cluster; node 0's output is copied back every second."""
+
+    def __init__(self, data_dir, cache, address, *options: str):
         self.data_dir, self.cache, self.address = data_dir, cache, address
+        self.options = options
         self.proc = None
         self.url = ""
 
@@ -48,6 +51,8 @@ class RayBackend:
             "--executor", "ray",
             "--ray-address", self.address,
             "--ray-node-cache", str(self.cache),
+            "--ray-output-sync", "1",
+            *self.options,
         )  # fmt: skip
         return self
 

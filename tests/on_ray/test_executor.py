@@ -11,6 +11,7 @@ import pytest
 
 from anylearn_sdk import TaskState, add_quota_group, init_sdk, quick_train
 from anylearn_sdk.errors import BadRequestError
+from tests.on_ray.conftest import RayBackend
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -57,13 +58,19 @@ p.add_argument("--lines", type=int, default=10**9)
 p.add_argument("--until", default="")
 a = p.parse_args()
 rank = os.environ["RANK"]
+out = pathlib.Path(os.environ["ANYLEARN_OUTPUT_DIR"])
+progress = out / f"progress-{rank}.txt"  # a checkpoint: the last line printed
+first = 0
+if progress.exists():
+    first = int(progress.read_text()) + 1
+    print(f"rank {rank} resuming after line {first - 1}", flush=True)
 print(f"pid {os.getpid()} rank {rank} attempt {os.environ['ANYLEARN_ATTEMPT']}", flush=True)
-for i in range(a.lines):
+for i in range(first, a.lines):
     if a.until and pathlib.Path(a.until).exists():
         break
     print(f"rank {rank} line {i}", flush=True)
+    progress.write_text(str(i))
     time.sleep(0.1)
-out = pathlib.Path(os.environ["ANYLEARN_OUTPUT_DIR"])
 if rank == "0":
     (out / "done.txt").write_text("ok")
 """
@@ -206,6 +213,34 @@ def wait_for(task, done, timeout: float = 120) -> str:
     raise AssertionError(task.logs()[0])
 
 
+def test_nodes_sharing_the_data_folder_fetch_nothing(cluster, tmp_path):
+    """With ``--ray-shared-data`` the nodes read code and objects from the backend's folder."""
+    data_dir = tmp_path / "data"
+    shared = RayBackend(
+        data_dir, tmp_path / "cache", cluster.address, "--ray-shared-data", str(data_dir)
+    ).start()
+    try:
+        init_sdk(shared.url, token=shared.token)
+        data = tmp_path / "files"
+        data.mkdir()
+        for i in range(5):
+            (data / f"f{i}.txt").write_text(f"file {i}\n")
+        (tmp_path / "count").mkdir()
+        (tmp_path / "count" / "count.py").write_text(
+            "import os; print(len(os.listdir(os.environ['ANYLEARN_DATASET_DIR'])), 'files')\n"
+        )
+        task = quick_train(
+            algorithm_dir=tmp_path / "count", dataset_dir=data, entrypoint="python count.py"
+        )[0]
+        assert task.wait(timeout=120, poll_interval=0.2) == TaskState.SUCCEEDED, task.logs()[0]
+        log = task.logs()[0]
+        assert "5 files" in log and "node 0: fetched 0 objects (0 bytes)" in log
+        (cache,) = [p for p in (tmp_path / "cache").iterdir()]
+        assert not (cache / "objects").exists() and not (cache / "repos").exists()
+    finally:
+        shared.stop()
+
+
 def test_a_quota_group_tied_to_labelled_nodes_runs_only_there(sdk, tmp_path, cluster):
     """The worker node carries ``anylearn.io/quota-group=worker-only`` (``ray start
     --labels``): that group's tasks run there, and two nodes of it cannot be had."""
@@ -236,7 +271,7 @@ def test_a_dead_node_makes_the_task_run_again_and_leaves_nothing(sdk, tmp_path, 
         quota_group_name=big_group,
         quota_group_request={"cpu": 1},
     )[0]
-    log = wait_for(task, lambda text: "rank 1 line 5" in text)
+    log = wait_for(task, lambda text: "rank 1 line 15" in text)  # output synced since
     first = [int(p) for p in re.findall(r"pid (\d+) rank \d attempt 1", log)]
     assert len(first) == 2
     used = set(task.refresh().runtime.nodes)
@@ -247,4 +282,7 @@ def test_a_dead_node_makes_the_task_run_again_and_leaves_nothing(sdk, tmp_path, 
     assert task.refresh().attempt == 2
     log = task.logs()[0]
     assert "attempt 1 lost its processes" in log and "rank 1 line 39" in log
+    # Node 0's output went back to the backend every second; attempt 2 started from it.
+    resumed = re.search(r"rank 0 resuming after line (\d+)", log)
+    assert resumed and int(resumed[1]) >= 5, log
     assert [p for p in first if running(p)] == []  # nothing of attempt 1 is left on any node

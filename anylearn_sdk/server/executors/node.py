@@ -53,12 +53,15 @@ LOG_CHUNK = 1 << 20
 class NodeWorkspace(Preparer):
     """Prepares an attempt on a node from the backend, over HTTP, into a per-node cache."""
 
-    def __init__(self, cache: Path, backend_url: str, token: str):
+    def __init__(self, cache: Path, backend_url: str, token: str, shared_data: Path | None = None):
         self.cache = cache
         super().__init__(
             tasks_root=cache / "tasks", environments=Environments(cache / "environments")
         )
-        self.objects = ObjectStore(cache / "objects")
+        #: The backend's data folder, when this node shares it: code and objects are read
+        #: from there instead of fetched (manifests still come over HTTP).
+        self.shared_data = shared_data
+        self.objects = ObjectStore((shared_data or cache) / "objects")
         self.backend_url = backend_url.rstrip("/")
         self._token = token
         self.http = requests.Session()
@@ -69,8 +72,8 @@ class NodeWorkspace(Preparer):
         return f"{self.backend_url}{API_PREFIX}{path}"
 
     def checkout(self, spec: RunSpec, dest: Path) -> None:
-        repo = self.cache / "repos" / f"{spec.algorithm_id}.git"
-        if not repo.is_dir():
+        repo = (self.shared_data or self.cache) / "repos" / f"{spec.algorithm_id}.git"
+        if not repo.is_dir() and self.shared_data is None:
             # Made aside and renamed into place: agents of two tasks may get here at once.
             staging = repo.with_name(f".{repo.name}.{os.getpid()}.{threading.get_ident()}")
             gitrepos.init_bare(staging)
@@ -78,7 +81,7 @@ class NodeWorkspace(Preparer):
                 staging.rename(repo)
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)  # the other one's is as good
-        if not gitrepos.has_commit(repo, spec.commit):
+        if self.shared_data is None and not gitrepos.has_commit(repo, spec.commit):
             ref = f"refs/anylearn/commits/{spec.commit}"
             env = {
                 **os.environ,
@@ -145,10 +148,19 @@ class NodeAgent:
     ranks. The ranks die with the agent (its node died, or it was killed).
     """
 
-    def __init__(self, spec: dict, node_rank: int, backend_url: str, token: str, cache: str):
+    def __init__(
+        self,
+        spec: dict,
+        node_rank: int,
+        backend_url: str,
+        token: str,
+        cache: str,
+        shared_data: str | None = None,
+    ):
         self.spec = RunSpec.from_json(spec)
         self.node_rank = node_rank
-        self.workspace = NodeWorkspace(Path(cache) / _node_id(), backend_url, token)
+        shared = Path(shared_data) if shared_data else None
+        self.workspace = NodeWorkspace(Path(cache) / _node_id(), backend_url, token, shared)
         self.paths = self.workspace.paths(self.spec)
         self.ranks: list[Rank] | None = None
         self.prepared: Prepared | None = None
@@ -245,15 +257,32 @@ class NodeAgent:
         if ranks:
             end_ranks(ranks, grace).join()
 
+    def seed_output(self, archive: bytes) -> None:
+        """Lay the output a lost attempt left (:func:`pack_folder`) into the output folder."""
+        unpack_into(archive, self.paths.output)
+        self.paths.note(f"node {self.node_rank}: output of the last attempt laid in place")
+
     def output_archive(self) -> bytes:
-        """The output folder as an uncompressed tar (members relative to it)."""
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            output = self.paths.output
-            if output.is_dir():
-                for item in sorted(output.rglob("*")):
-                    tar.add(item, arcname=str(item.relative_to(output)), recursive=False)
-        return buffer.getvalue()
+        """The output folder (:func:`pack_folder`)."""
+        return pack_folder(self.paths.output)
+
+
+def pack_folder(folder: Path) -> bytes:
+    """``folder`` as an uncompressed tar, members relative to it (empty if it is missing)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        if folder.is_dir():
+            for item in sorted(folder.rglob("*")):
+                tar.add(item, arcname=str(item.relative_to(folder)), recursive=False)
+    return buffer.getvalue()
+
+
+def unpack_into(archive: bytes, folder: Path) -> None:
+    """Extract :func:`pack_folder`'s ``archive`` over ``folder``, every member checked by
+    tarfile's ``data`` filter (no absolute paths, no links out of it, no devices)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
 
 
 def _node_id() -> str:

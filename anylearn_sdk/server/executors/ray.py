@@ -19,16 +19,15 @@ handle), so a backend restarted while the task runs truncates the log to that si
 actors by name and goes on from those offsets: no line lost, none twice. A rank that fails
 ends the whole task (the other nodes' ranks are ended: fail fast); a node that dies makes the
 attempt lost, and the scheduler runs it again. At the end (and every
-:data:`OUTPUT_SYNC_SECONDS`) node 0's output folder is copied back to the backend. Cancel and
+:data:`OUTPUT_SYNC_SECONDS`) node 0's output folder is copied back to the backend, and the next
+attempt of a lost task starts from that copy (its checkpoints). Cancel and
 the end of an attempt remove its actors (their ranks die with them) and its placement group;
 when the backend starts, whatever of its namespace no task runs is removed (a sweep).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from anylearn_sdk.server.executors.base import (
     RunSpec,
     Status,
 )
-from anylearn_sdk.server.executors.node import NodeAgent
+from anylearn_sdk.server.executors.node import NodeAgent, pack_folder, unpack_into
 from anylearn_sdk.server.executors.ranks import CANCEL_GRACE_SECONDS
 from anylearn_sdk.server.workspace import TaskPaths
 
@@ -116,6 +115,9 @@ class RayExecutor:
         tasks_root: the backend's task folders (logs and outputs).
         backend_url: the backend's address as the nodes reach it.
         node_cache: where each node keeps its cache (``<node_cache>/<node id>``).
+        output_sync: seconds between two copies of node 0's output to the backend.
+        shared_data: the backend's data folder as the nodes see it, when they share it; they
+            then read code and objects from it instead of fetching them.
         issue_token: makes a token scoped to a task (``(session, task) -> secret``).
     """
 
@@ -131,6 +133,8 @@ class RayExecutor:
         backend_url: str,
         issue_token: Callable[[Any, TrainTask], str],
         node_cache: str = DEFAULT_NODE_CACHE,
+        output_sync: float = OUTPUT_SYNC_SECONDS,
+        shared_data: str | None = None,
     ):
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         self.namespace = namespace
@@ -139,6 +143,8 @@ class RayExecutor:
         self.backend_url = backend_url
         self.issue_token = issue_token
         self.node_cache = node_cache
+        self.output_sync = output_sync
+        self.shared_data = shared_data
         self.gpus = 0  # GPUs are Ray's to hand out; the local device count does not apply
         self._attempts: dict[str, _Attempt] = {}
         self._lock = threading.Lock()
@@ -280,7 +286,7 @@ class RayExecutor:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=i
                 ),
-            ).remote(spec.to_json(), i, self.backend_url, token, self.node_cache)
+            ).remote(spec.to_json(), i, self.backend_url, token, self.node_cache, self.shared_data)
             for i, name in enumerate(attempt.names)
         ]
         try:
@@ -289,6 +295,11 @@ class RayExecutor:
                 "nodes: " + ", ".join(f"{i}={n['node_id'][:12]}" for i, n in enumerate(nodes))
             )
             prepared = ray.get([a.prepare.remote() for a in agents])
+            if spec.attempt > 1 and paths.output.is_dir():
+                # A later attempt goes on from the output the last one left (its checkpoints).
+                ray.get(
+                    agents[0].seed_output.remote(pack_folder(paths.output)), timeout=CALL_TIMEOUT
+                )
             if attempt.cancelled.is_set():
                 self._end(attempt, None)
                 return
@@ -351,7 +362,7 @@ class RayExecutor:
                     status = Exited(code)
                 self._end(attempt, status)
                 return
-            if time.monotonic() - synced > OUTPUT_SYNC_SECONDS:
+            if time.monotonic() - synced > self.output_sync:
                 self._sync_output(agents[0], paths)
                 synced = time.monotonic()
             time.sleep(MONITOR_SECONDS)
@@ -390,9 +401,7 @@ class RayExecutor:
             archive = ray.get(agent.output_archive.remote(), timeout=CALL_TIMEOUT)
         except (RayActorError, ray.exceptions.GetTimeoutError):
             return
-        paths.output.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(paths.output, filter="data")
+        unpack_into(archive, paths.output)
 
     def _stop(self, agents: list) -> None:
         try:
