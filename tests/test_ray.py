@@ -40,4 +40,6 @@ def test_ray_suite_in_a_loopback_only_network():
         text=True,
         timeout=900,
     )
-    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+    # Ray warns on every start that it found no external address (there is none, by design).
+    out = "\n".join(line for line in run.stdout.splitlines() if "network_util" not in line)
+    assert run.returncode == 0, out[out.find("= FAILURES =") :][:12000] + run.stderr[-2000:]

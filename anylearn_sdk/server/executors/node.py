@@ -39,7 +39,7 @@ from anylearn_sdk.server.executors.ranks import (
     spawn_ranks,
 )
 from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.server.workspace import Prepared, PrepareError, Preparer
+from anylearn_sdk.server.workspace import Prepared, PrepareError, Preparer, TaskPaths
 from anylearn_sdk.wire import API_PREFIX
 
 #: Objects fetched at once.
@@ -67,6 +67,13 @@ class NodeWorkspace(Preparer):
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
         self.fetched = {"objects": 0, "bytes": 0}
+
+    def paths(self, spec: RunSpec) -> TaskPaths:
+        """The task's folder on this node; its log is the attempt's own, so the backend pulls
+        a later attempt's lines from offset 0 without the earlier ones."""
+        paths = super().paths(spec)
+        paths.log = paths.root / f"attempt-{spec.attempt}.log"
+        return paths
 
     def _api(self, path: str) -> str:
         return f"{self.backend_url}{API_PREFIX}{path}"

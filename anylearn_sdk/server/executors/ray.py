@@ -196,12 +196,18 @@ class RayExecutor:
 
         with self._lock:
             keep = {a.group for a in self._attempts.values()}
-        for actor in list_actors(filters=[("ray_namespace", "=", self.namespace)], limit=10_000):
+        try:
+            actors = list_actors(filters=[("ray_namespace", "=", self.namespace)], limit=10_000)
+            groups = list_placement_groups(limit=10_000)
+        except Exception:  # noqa: BLE001 - the state API needs the dashboard; the sweep can wait
+            log.warning("Ray's state API did not answer; nothing was swept", exc_info=True)
+            return
+        for actor in actors:
             name = actor.name or ""
             group = name.rsplit("-", 1)[0]
             if name.startswith(_PREFIX) and group not in keep and actor.state != "DEAD":
                 _kill_actor(name, self.namespace)
-        for group in list_placement_groups(limit=10_000):
+        for group in groups:  # only this namespace's are found by name, and so removed
             name = group.name or ""
             if name.startswith(_PREFIX) and name not in keep and group.state != "REMOVED":
                 _remove_group(name, self.namespace)
