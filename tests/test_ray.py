@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ray_suite_in_a_loopback_only_network():
+def test_ray_suite_in_a_loopback_only_network(tmp_path):
     missing = []
     if importlib.util.find_spec("ray") is None:
         missing.append("Ray (pip install 'anylearn-sdk[ray]')")
@@ -30,12 +30,27 @@ def test_ray_suite_in_a_loopback_only_network():
         if "ray" in os.environ.get("ANYLEARN_TEST_REQUIRE", "").split(","):
             pytest.fail("the Ray tests need " + " and ".join(missing))
         pytest.skip("the Ray tests need " + " and ".join(missing))
+    # Nothing but loopback exists in there, package registries included: the environments
+    # the nodes build (the distributed example's torch) install from a wheelhouse filled here.
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),
+         "-r", str(ROOT / "examples" / "distributed" / "requirements.txt")],
+        check=True,
+        timeout=900,
+    )  # fmt: skip
+    find_links = " ".join(filter(None, [str(wheels), os.environ.get("PIP_FIND_LINKS")]))
     pytest_cmd = f"{sys.executable} -m pytest -p no:cacheprovider -q tests/on_ray"
     inner = f"ip link set lo up && exec {pytest_cmd}"
     run = subprocess.run(
         ["unshare", "--net", "sh", "-c", inner],
         cwd=ROOT,
-        env={**os.environ, "ANYLEARN_RAY_NETNS": "1"},
+        env={
+            **os.environ,
+            "ANYLEARN_RAY_NETNS": "1",
+            "PIP_FIND_LINKS": find_links,
+            "PIP_NO_INDEX": "1",
+        },
         capture_output=True,
         text=True,
         timeout=900,
