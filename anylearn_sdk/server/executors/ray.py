@@ -193,13 +193,15 @@ class RayExecutor:
         """Remove the groups and actors of this namespace that no followed attempt owns
         (those of a backend that died while it placed or ended them)."""
         from ray.util.state import list_actors, list_placement_groups
+        from ray.util.state.exception import RayStateApiException
 
         with self._lock:
             keep = {a.group for a in self._attempts.values()}
         try:
             actors = list_actors(filters=[("ray_namespace", "=", self.namespace)], limit=10_000)
             groups = list_placement_groups(limit=10_000)
-        except Exception:  # noqa: BLE001 - the state API needs the dashboard; the sweep can wait
+        except (RayStateApiException, ConnectionError, TimeoutError):
+            # The state API needs the dashboard; the sweep can wait for the next start.
             log.warning("Ray's state API did not answer; nothing was swept", exc_info=True)
             return
         for actor in actors:
