@@ -585,8 +585,16 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
         else:
             upload.state = STORED
             add_refs(session, upload.owner_id, stored)
-            session.flush()
-            refresh_state(session, res, ctx.objects)
+        session.commit()
+        if upload.state != STORED:
+            return
+        # Uploads of one version finish on several threads at once. Each commits its objects
+        # first, then looks again in a new transaction, with the version's row locked: the
+        # one that committed last sees every object and marks the version READY. (Looking in
+        # the same transaction missed the others' uncommitted objects on PostgreSQL, and left
+        # the version UPLOADING for ever.)
+        res = session.get(Resource, res.id, with_for_update=True, populate_existing=True)
+        refresh_state(session, res, ctx.objects)
         session.commit()
 
 
