@@ -7,7 +7,8 @@ backend the SDK starts on 127.0.0.1.
 
 The public names load on first use (PEP 562, as huggingface_hub does), so ``import
 anylearn_sdk`` stays cheap and the server, which imports only the shared modules
-(``states``, ``wire``, ``protocol``, ``datadir``), never loads the client through this file.
+(``states``, ``wire``, ``protocol``, ``datadir``, ``tracking``), never loads the client through
+this file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: Public name → the module that defines it.
 _LAZY = {
+    "log_metrics": "anylearn_sdk.tracking",
+    "log_params": "anylearn_sdk.tracking",
+    "set_tags": "anylearn_sdk.tracking",
     "Algorithm": "anylearn_sdk.resources",
     "AnylearnError": "anylearn_sdk.errors",
     "Dataset": "anylearn_sdk.resources",
@@ -72,6 +76,9 @@ _LAZY = {
 
 __all__ = [
     "__version__",
+    "log_metrics",
+    "log_params",
+    "set_tags",
     "Algorithm",
     "AnylearnError",
     "Dataset",
@@ -173,4 +180,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from anylearn_sdk.session import init_sdk, login
     from anylearn_sdk.states import ResourceState, TaskState
     from anylearn_sdk.sync import Preview, preview_dataset, sync_dataset, sync_model
+    from anylearn_sdk.tracking import log_metrics, log_params, set_tags
     from anylearn_sdk.wire import TaskRecord, TaskSummary

@@ -42,6 +42,10 @@ entries = st.lists(
 def test_public_api_is_what_we_mean():
     assert set(anylearn_sdk.__all__) == {
         "__version__",
+        # inside a training script
+        "log_metrics",
+        "log_params",
+        "set_tags",
         # the main job, and data on its own
         "quick_train",
         "resume_unfinished_local_train_tasks",

@@ -31,6 +31,7 @@ from anylearn_sdk.server.environments import REQUIREMENTS_FILE, Environments
 from anylearn_sdk.server.executors.base import RunSpec
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.states import ResourceState
+from anylearn_sdk.tracking import TRACKING_FILE_ENV, TRACKING_FILE_NAME
 
 #: Variables of the server's environment that a task inherits; nothing else leaks (no tokens).
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER")
@@ -53,6 +54,8 @@ class TaskPaths:
         self.log = self.root / self.LOG_NAME
         self.bin = self.root / ".anylearn" / "bin"
         self.status = self.root / ".anylearn" / "status"
+        #: Where ``log_metrics`` and friends append (:mod:`anylearn_sdk.tracking`).
+        self.tracking = self.root / ".anylearn" / TRACKING_FILE_NAME
         self.output = self.code / output
 
     @classmethod
@@ -88,6 +91,7 @@ def task_command(
         PYTHONUNBUFFERED="1", ANYLEARN_TASK_ID=spec.task_id, ANYLEARN_ATTEMPT=str(spec.attempt)
     )
     env[MOUNT_ENV_VARS["output"]] = str(paths.output)
+    env[TRACKING_FILE_ENV] = str(paths.tracking)
     mount_params: dict[str, str] = {}
     for kind, folders in mounts.items():
         value = ",".join(map(str, folders))
