@@ -47,7 +47,7 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     """With ``--database postgresql``, run the tests of the API: those that start a backend
-    (the ``backend`` fixture, :func:`start_server`) or ask for the ``database`` itself. The
+    (the ``backend`` fixture, :func:`start_server`) or ask for a PostgreSQL server. The
     others talk to no database the option could change."""
     if config.getoption("--database") != "postgresql":
         return
@@ -55,7 +55,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         function = getattr(item, "function", None)
         source = inspect.getsource(function) if function is not None else ""
-        asks = "database" in inspect.signature(function).parameters if function else False
+        wanted = set(inspect.signature(function).parameters) if function else set()
+        asks = bool({"database", "postgres"} & wanted)
         uses = asks or "backend" in getattr(item, "fixturenames", ())  # ``database`` is autouse
         (keep if uses or "start_server(" in source else skipped).append(item)
     config.hook.pytest_deselected(items=skipped)

@@ -43,20 +43,29 @@ def assert_schema_matches_models(url: str) -> None:
         engine.dispose()
 
 
+@pytest.fixture
+def postgres(database):
+    """The session's PostgreSQL server (``--database postgresql``), else one of this test's
+    own, stopped after it."""
+    if database is not None:
+        yield database
+        return
+    server = start_or_skip()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def test_migrations_build_the_models_schema_on_sqlite(tmp_path):
     assert_schema_matches_models(f"sqlite:///{tmp_path / 'new.db'}")
     assert_schema_matches_models(f"sqlite:///{tmp_path / 'new.db'}")  # migrates nothing more
 
 
-def test_migrations_build_the_models_schema_on_postgresql(database):
-    server = database or start_or_skip()
-    try:
-        url = server.new_database()
-        assert_schema_matches_models(url)
-        assert_schema_matches_models(url)
-    finally:
-        if database is None:
-            server.stop()
+def test_migrations_build_the_models_schema_on_postgresql(postgres):
+    url = postgres.new_database()
+    assert_schema_matches_models(url)
+    assert_schema_matches_models(url)
 
 
 def test_a_database_from_before_migrations_keeps_its_rows(tmp_path):
@@ -103,13 +112,12 @@ def test_a_database_from_before_migrations_keeps_its_rows(tmp_path):
     assert revision.fetchall() == [(head_revision(),)]
 
 
-def test_two_backends_on_one_database_share_the_queue(tmp_path, database):
+def test_two_backends_on_one_database_share_the_queue(tmp_path, postgres):
     """Two backends on one PostgreSQL database and one shared file system (their data
     folders' contents are the same folders) both admit from the one queue: each follows only
     the tasks it admitted (none is taken for lost by the other, so every task runs once, as
     attempt 1), and a group of two CPUs never runs three one-CPU tasks at once."""
-    server = database or start_or_skip()
-    url = server.new_database()
+    url = postgres.new_database()
     first, second = tmp_path / "a", tmp_path / "b"
     backends = [start_server(first, "--database-url", url)]
     try:
