@@ -204,7 +204,7 @@ def build_context(
         server_id=server_id,
         upload_expiry=options.upload_expiry,
     )
-    ensure_defaults(ctx, gpus=getattr(executor, "gpus", 0))
+    ensure_defaults(ctx, gpus=executor.gpus)
     return ctx
 
 

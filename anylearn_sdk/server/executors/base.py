@@ -124,6 +124,9 @@ class Executor(Protocol):
 
     #: The name given to ``--executor``.
     name: str
+    #: GPU devices this executor hands out by index (the local machine's); 0 where another
+    #: system assigns them (Ray). The ``default`` quota group gets this many.
+    gpus: int
 
     def listen(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` (from any thread) whenever a task's status may have changed, so
