@@ -38,12 +38,13 @@ from git.exc import BadName, GitCommandError, InvalidGitRepositoryError, NoSuchP
 
 from anylearn_sdk.content.ignore import IGNORE_FILE
 from anylearn_sdk.errors import GitSyncError, InvalidArgumentError, RequiredLocalCommitError
+from anylearn_sdk.protocol import SNAPSHOT_EMAIL, SNAPSHOT_MESSAGE_PREFIX
 
 SNAPSHOT_IDENTITY = {
     "GIT_AUTHOR_NAME": "anylearn",
-    "GIT_AUTHOR_EMAIL": "anylearn@localhost",
+    "GIT_AUTHOR_EMAIL": SNAPSHOT_EMAIL,
     "GIT_COMMITTER_NAME": "anylearn",
-    "GIT_COMMITTER_EMAIL": "anylearn@localhost",
+    "GIT_COMMITTER_EMAIL": SNAPSHOT_EMAIL,
 }
 #: Date of snapshots of folders that are not git repositories (deterministic commits).
 EPOCH_DATE = "1970-01-01T00:00:00+0000"
@@ -240,7 +241,7 @@ def _snapshot(
         if head is not None and repo.commit(head).tree.hexsha == tree:
             return Snapshot(head, Path(repo.git_dir), snapshot=False)
         date = repo.commit(head).committed_datetime.isoformat() if head else EPOCH_DATE
-        commit = _commit_tree(repo, tree, head, date, "anylearn snapshot of the working tree")
+        commit = _commit_tree(repo, tree, head, date, SNAPSHOT_MESSAGE_PREFIX + "the working tree")
         return Snapshot(commit, Path(repo.git_dir), snapshot=True)
     except GitCommandError as err:
         raise GitSyncError(f"git failed on {str(folder)!r}: {err.stderr.strip() or err}") from err
@@ -259,7 +260,7 @@ def _snapshot_plain_folder(folder: Path, scratch_root: Path, env: dict[str, str]
     repo = git.Repo(git_dir)
     with repo.git.custom_environment(**env):
         tree = _write_tree(repo, git_dir=git_dir, work_tree=folder, seed_index=None, base=None)
-    commit = _commit_tree(repo, tree, None, EPOCH_DATE, f"anylearn snapshot of {folder.name}")
+    commit = _commit_tree(repo, tree, None, EPOCH_DATE, SNAPSHOT_MESSAGE_PREFIX + folder.name)
     return Snapshot(commit, git_dir, snapshot=True)
 
 

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: Author e-mail and message prefix of the commits the SDK makes of a working tree with
+#: uncommitted changes (or of a folder without git); the experiment record calls them snapshots.
+SNAPSHOT_EMAIL = "anylearn@localhost"
+SNAPSHOT_MESSAGE_PREFIX = "anylearn snapshot of "
 #: Modes a manifest records, as git does: only the executable bit survives.
 FILE_MODES = (0o644, 0o755)
 #: Names of the mount environment variables, also usable as ``${VAR}`` placeholders.

@@ -34,6 +34,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 #: Response headers of ``GET /train-tasks/{id}/logs``.
 NEXT_OFFSET_HEADER = "X-Anylearn-Next-Offset"
 TASK_STATE_HEADER = "X-Anylearn-Task-State"
+#: Response header of ``POST /train-tasks`` with ``reuse="succeeded"`` that answered an
+#: earlier task instead of creating one: that task's id.
+REUSED_HEADER = "X-Anylearn-Reused"
 #: Response header of a tus ``HEAD``: the upload's :class:`UploadState`.
 UPLOAD_STATE_HEADER = "X-Anylearn-Upload-State"
 #: Most bytes one ``GET /train-tasks/{id}/logs`` answers.
@@ -181,6 +184,10 @@ class NewMirror(Body):
     python: str = Field(max_length=4096)
 
 
+class MirrorUpdate(Body):
+    python: str = Field(max_length=4096)
+
+
 class QuotaGroupRecord(Record):
     """A capacity pool, and what every user's tasks hold in it now: ``allocated`` (the sum of
     the RUNNING tasks' requests), ``running`` and ``queued`` (task counts)."""
@@ -295,6 +302,10 @@ class NewTask(Body):
     request: Amounts | None = None
     num_nodes: int = Field(default=1, ge=1, le=64)
     nproc_per_node: int = Field(default=1, ge=1, le=64)
+    #: "run" (create a task) or "succeeded": answer an earlier SUCCEEDED task of the same
+    #: commit, inputs (by checksum), entrypoint, hyperparameters, mirror and environment key
+    #: instead (with the :data:`REUSED_HEADER`), if there is one.
+    reuse: Literal["run", "succeeded"] = "run"
 
 
 class TaskInput(Record):
@@ -383,3 +394,123 @@ class ModelFromResults(ResourceRecord):
 
     skipped: list[str] = Field(default_factory=list)
     task_id: str
+
+
+# experiment records ------------------------------------------------------------------------
+class CodeRecord(Record):
+    """Which code ran: the algorithm, the commit and its message. ``snapshot``: the commit is
+    a forced snapshot of a working tree with uncommitted changes (``base_commit`` is the commit
+    it was made over, ``changed_files`` the paths that differ from it) or of a folder without
+    git (no base)."""
+
+    algorithm_id: str
+    algorithm: str
+    commit: str
+    message: str = ""
+    snapshot: bool = False
+    base_commit: str | None = None
+    changed_files: list[str] = Field(default_factory=list)
+
+
+class DataRecord(Record):
+    """Which data it read: every mounted dataset and model version (checksum, files, bytes)
+    and the tasks whose results it mounted (``pretrain``)."""
+
+    inputs: list[TaskInput] = Field(default_factory=list)
+    pretrain: list[str] = Field(default_factory=list)
+
+
+class ParametersRecord(Record):
+    """How it was called: the hyperparameters as given, the entrypoint, the final command line
+    (None until an attempt started), and what the code itself logged with ``log_params`` and
+    ``set_tags`` (text values)."""
+
+    hyperparams: dict[str, HyperValue] = Field(default_factory=dict)
+    entrypoint: str
+    command: str | None = None
+    logged: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class EnvironmentRecord(Record):
+    """Where it ran: the mirror, the interpreter and its version, the environment's key (None
+    without a requirements.txt) and its resolved packages (``name==version``, captured once per
+    environment), the GPU indices, and ``num_nodes`` × ``nproc_per_node`` processes."""
+
+    mirror_id: str
+    mirror: str | None = None
+    python: str | None = None
+    python_version: str | None = None
+    environment: str | None = None
+    packages: list[str] = Field(default_factory=list)
+    gpus: list[int] = Field(default_factory=list)
+    nodes: list[str] = Field(default_factory=list)
+    num_nodes: int = 1
+    nproc_per_node: int = 1
+
+
+class RunRecord(Record):
+    """How it went: the quota group (name) and the request per node, the times, attempts, exit
+    code, the failure reason, and the last Python traceback in the log (its text, and its
+    exception line in ``exception``)."""
+
+    state: TaskState
+    quota_group: str | None = None
+    request: Amounts = Amounts()
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    attempts: int = 1
+    exit_code: int | None = None
+    error: str | None = None
+    exception: str | None = None
+    traceback: str | None = None
+
+
+class MetricSeries(Record):
+    """One metric: its points (``steps``, ``values``, ``timestamps`` in seconds since the
+    epoch, in step order) and their ``last``, ``min`` and ``max``. ``source``: ``log_metrics``
+    or ``tensorboard`` (scalars from event files under the output folder)."""
+
+    key: str
+    source: Literal["log_metrics", "tensorboard"] = "log_metrics"
+    steps: list[int] = Field(default_factory=list)
+    values: list[float] = Field(default_factory=list)
+    timestamps: list[float] = Field(default_factory=list)
+    last: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+class OutputFile(Record):
+    """A file of the output folder: its path in it, size in bytes and sha256."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+class ResultsRecord(Record):
+    """What it produced: the metric series by key, and the output files (at most 10,000;
+    ``outputs_truncated`` says there were more)."""
+
+    metrics: dict[str, MetricSeries] = Field(default_factory=dict)
+    outputs: list[OutputFile] = Field(default_factory=list)
+    outputs_truncated: bool = False
+
+
+class ExperimentRecord(Record):
+    """A task's experiment record (``GET /train-tasks/{id}/record``): code, data, parameters,
+    environment, run and results. It is built when asked, so while the task runs its metric
+    series and outputs grow from one read to the next."""
+
+    task_id: str
+    name: str
+    description: str = ""
+    backend: str = ""
+    code: CodeRecord
+    data: DataRecord
+    parameters: ParametersRecord
+    environment: EnvironmentRecord
+    run: RunRecord
+    results: ResultsRecord

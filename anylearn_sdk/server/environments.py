@@ -19,6 +19,7 @@ what was written so far when it joins, then each line as pip prints it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,6 +44,20 @@ _SITE_DIRS = (
 )
 
 
+#: Prints the interpreter's version and every distribution it imports from, ``name==version``
+#: (what ``pip freeze`` lists, without pip): in a built environment, its own packages and the
+#: mirror's it is layered over.
+_DESCRIBE = (
+    "import importlib.metadata as m, json, platform; "
+    "names = {f\"{d.metadata['Name']}=={d.version}\" for d in m.distributions() "
+    "if d.metadata['Name']}; "
+    "print(json.dumps({'python_version': platform.python_version(), "
+    "'packages': sorted(names, key=str.lower)}))"
+)
+#: Seconds the description of an interpreter may take.
+DESCRIBE_TIMEOUT = 60.0
+
+
 class EnvironmentBuildError(RuntimeError):
     """Building an environment failed; the message ends with pip's last error line."""
 
@@ -51,6 +66,10 @@ def environment_key(python: str, requirements: bytes) -> str:
     """The cache key of an environment: 24 hex digits of sha256(layout, interpreter, file)."""
     digest = hashlib.sha256(LAYOUT_VERSION + b"\0" + python.encode() + b"\0" + requirements)
     return digest.hexdigest()[:24]
+
+
+#: In a built environment's folder: its :meth:`Environments.describe`.
+DESCRIPTION_FILE = "anylearn-description.json"
 
 
 class _Build:
@@ -103,6 +122,7 @@ class Environments:
         self.root.mkdir(parents=True, exist_ok=True)
         self._builds: dict[str, _Build] = {}
         self._lock = threading.Lock()
+        self._described: dict[str, dict] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-env")
 
     def ready(self, key: str) -> Path | None:
@@ -145,6 +165,39 @@ class Environments:
             )
         self._pool.submit(self._build, key, python, content, build_dir, build)
         return key, build.future
+
+    def describe(self, python: str) -> dict:
+        """``{"python_version": "3.11.2", "packages": ["name==version", ...]}`` for the
+        interpreter ``python`` (a mirror's, or a built environment's ``bin/python``); ``{}``
+        if it cannot be asked. Captured once per interpreter: kept in memory, and for a built
+        environment in a file next to it, so a restarted backend does not ask again."""
+        with self._lock:
+            if python in self._described:
+                return self._described[python]
+        saved = Path(python).parent.parent / DESCRIPTION_FILE
+        inside = Path(python).is_relative_to(self.root)
+        try:
+            description = json.loads(saved.read_text()) if inside else None
+        except (OSError, ValueError):
+            description = None
+        if not isinstance(description, dict):
+            try:
+                out = subprocess.run(
+                    [python, "-c", _DESCRIBE],
+                    capture_output=True,
+                    check=True,
+                    env=_clean_env(),
+                    timeout=DESCRIBE_TIMEOUT,
+                )
+                description = json.loads(out.stdout)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return {}
+            if inside:
+                with contextlib.suppress(OSError):
+                    saved.write_text(json.dumps(description))
+        with self._lock:
+            self._described[python] = description
+        return description
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

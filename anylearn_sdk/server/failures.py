@@ -68,6 +68,29 @@ def _exception_line(lines: list[str]) -> str | None:
     return None
 
 
+#: Most lines of a traceback the experiment record keeps (its end: the innermost frames).
+MAX_TRACEBACK_LINES = 60
+
+
+def last_traceback(log: Path) -> tuple[str, str] | None:
+    """The last Python traceback in the tail of ``log``: its text (at most 60 lines, the
+    innermost kept) and its exception line; None if the tail has none."""
+    lines = _tail_lines(log)
+    starts = [i for i, line in enumerate(lines) if line.strip() == _TRACEBACK]
+    if not starts:
+        return None
+    block = [lines[starts[-1]]]
+    for line in lines[starts[-1] + 1 :]:
+        block.append(line)
+        if line and not line[0].isspace():
+            break
+    else:
+        return None  # still being written
+    if len(block) > MAX_TRACEBACK_LINES:
+        block = [block[0], "  ...", *block[-(MAX_TRACEBACK_LINES - 2) :]]
+    return "\n".join(block), block[-1].strip()
+
+
 def failure_reason(log: Path, exit_code: int) -> str:
     """``exit code N: <reason>`` for a command that exited with ``exit_code`` (non-zero),
     the reason read from the tail of ``log`` (see the module docstring)."""

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from anylearn_sdk.protocol import SHA256_HEX
+from anylearn_sdk.protocol import SHA256_HEX, SNAPSHOT_EMAIL, SNAPSHOT_MESSAGE_PREFIX
 
 GIT_TIMEOUT_SECONDS = 600
 _SHA1_HEX_LEN = 40
@@ -70,6 +70,45 @@ def checkout(repo: Path, sha: str, dest: Path) -> None:
             if result.returncode != 0:
                 message = result.stderr.decode(errors="replace").strip()
                 raise RuntimeError(f"git {args[0]} of {sha} failed: {message}")
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """What the experiment record says of a commit: its message, its parents, and whether
+    the SDK made it as a snapshot (see :data:`~anylearn_sdk.protocol.SNAPSHOT_EMAIL`)."""
+
+    message: str
+    parents: list[str]
+    snapshot: bool
+
+
+def commit_info(repo: Path, sha: str) -> CommitInfo | None:
+    """The message, parents and snapshot flag of commit ``sha``; None if it is not there."""
+    if not is_commit_sha(sha):
+        return None
+    result = _git("log", "-1", "--format=%ae%x00%P%x00%B", sha, "--", git_dir=repo)
+    if result.returncode != 0:
+        return None
+    email, parents, message = result.stdout.decode(errors="replace").split("\0", 2)
+    message = message.strip()
+    snapshot = email == SNAPSHOT_EMAIL and message.startswith(SNAPSHOT_MESSAGE_PREFIX)
+    return CommitInfo(message, parents.split(), snapshot)
+
+
+def changed_paths(repo: Path, base: str, sha: str) -> list[str]:
+    """The paths whose content or mode differs between commits ``base`` and ``sha``."""
+    result = _git("diff-tree", "-r", "-z", "--name-only", "--no-renames", base, sha, git_dir=repo)
+    if result.returncode != 0:
+        return []
+    return [p for p in result.stdout.decode(errors="replace").split("\0") if p]
+
+
+def read_file(repo: Path, sha: str, path: str) -> bytes | None:
+    """The content of ``path`` in commit ``sha``, or None if it has no such file."""
+    if not is_commit_sha(sha):
+        return None
+    result = _git("cat-file", "blob", f"{sha}:{path}", git_dir=repo)
+    return result.stdout if result.returncode == 0 else None
 
 
 @dataclass

@@ -58,6 +58,10 @@ class TaskPaths:
         self.tracking = self.root / ".anylearn" / TRACKING_FILE_NAME
         self.output = self.code / output
 
+    def node_tracking(self, node_rank: int) -> Path:
+        """The copy of node ``node_rank``'s tracking file, pulled by the Ray executor."""
+        return self.tracking.with_name(f"tracking-node{node_rank}.jsonl")
+
     @classmethod
     def of(cls, tasks_root: Path, task: TrainTask | RunSpec) -> TaskPaths:
         task_id = task.task_id if isinstance(task, RunSpec) else task.id
@@ -145,16 +149,19 @@ class Prepared:
     env: dict[str, str]
     environment: str | None  # the environment's key; None without a requirements.txt
     build: Future[Path] | None
+    environments: Environments
 
     def finish(self, venv: Path | None) -> dict:
         """Point the task's ``python`` at the mirror or at the built ``venv``; the runtime
-        record (interpreter, environment, variables) of the attempt."""
+        record of the attempt: interpreter, environment, variables, and the interpreter's
+        version and packages (:meth:`Environments.describe`, once per interpreter)."""
         python = self.spec.python
         if venv is not None:
             python = str(venv / "bin" / "python")
             self.env.update(PATH=search_path(self.paths.bin, venv / "bin"), VIRTUAL_ENV=str(venv))
         write_python_shim(self.paths.bin, python)
-        return {"environment": self.environment, "python": python, "env": self.env}
+        runtime = {"environment": self.environment, "python": python, "env": self.env}
+        return runtime | self.environments.describe(python)
 
 
 class Preparer:
@@ -199,12 +206,12 @@ class Preparer:
         command, env = task_command(spec, paths, mounts)
         requirements = paths.code / REQUIREMENTS_FILE
         if not requirements.is_file():
-            return Prepared(spec, paths, command, env, None, None)
+            return Prepared(spec, paths, command, env, None, None, self.environments)
         try:
             key, build = self.environments.ensure(spec.python, requirements, paths.log)
         except OSError as err:
             raise PrepareError(f"cannot read {REQUIREMENTS_FILE}: {err}") from err
-        return Prepared(spec, paths, command, env, key, build)
+        return Prepared(spec, paths, command, env, key, build, self.environments)
 
 
 class Workspace(Preparer):

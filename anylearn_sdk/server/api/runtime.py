@@ -32,6 +32,7 @@ from anylearn_sdk.wire import (
     RESOURCE_KEYS,
     Amounts,
     MirrorRecord,
+    MirrorUpdate,
     NewMirror,
     NewQuotaGroup,
     QuotaGroupRecord,
@@ -93,21 +94,38 @@ def add_mirror(body: NewMirror, _admin: AdminUser, session: DB) -> MirrorRecord:
     """Add a mirror naming a Python interpreter on the server machine (admin only)."""
     if session.scalar(select(Mirror).where(Mirror.name == body.name)) is not None:
         raise conflict(f"mirror {body.name!r} already exists")
-    if not os.path.isabs(body.python) or not os.access(body.python, os.X_OK):
-        raise bad_request(f"python {body.python!r} is not an absolute path to an executable")
+    _check_python(body.python)
+    mirror = Mirror(name=body.name, python=body.python)
+    session.add(mirror)
+    session.commit()
+    return mirror_record(mirror)
+
+
+@router.patch("/mirrors/{name}", tags=["mirrors"], response_model=MirrorRecord)
+def set_mirror(name: str, body: MirrorUpdate, _admin: AdminUser, session: DB) -> MirrorRecord:
+    """Point a mirror at another interpreter (admin only): attempts that start afterwards
+    run with it, and their environments are built over it (a new environment key)."""
+    mirror = session.scalar(select(Mirror).where(Mirror.name == name))
+    if mirror is None:
+        raise not_found("mirror", name)
+    _check_python(body.python)
+    mirror.python = body.python
+    session.commit()
+    return mirror_record(mirror)
+
+
+def _check_python(python: str) -> None:
+    if "\0" in python or not os.path.isabs(python) or not os.access(python, os.X_OK):
+        raise bad_request(f"python {python!r} is not an absolute path to an executable")
     try:
         subprocess.run(
-            [body.python, "-c", "import sys"],
+            [python, "-c", "import sys"],
             check=True,
             capture_output=True,
             timeout=PYTHON_CHECK_TIMEOUT_SECONDS,
         )
     except (OSError, subprocess.SubprocessError) as err:
-        raise bad_request(f"python {body.python!r} does not run: {err}") from err
-    mirror = Mirror(name=body.name, python=body.python)
-    session.add(mirror)
-    session.commit()
-    return mirror_record(mirror)
+        raise bad_request(f"python {python!r} does not run: {err}") from err
 
 
 def live_group(session: Session, group_id: str) -> QuotaGroup | None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from anylearn_sdk.protocol import check_relative_path, manifest_checksum
-from anylearn_sdk.server import gitrepos
+from anylearn_sdk.server import gitrepos, records
 from anylearn_sdk.server.api.accounts import owned_project
 from anylearn_sdk.server.api.algorithms import owned_algorithm
 from anylearn_sdk.server.api.resources import (
@@ -43,7 +43,6 @@ from anylearn_sdk.server.db import (
     Mirror,
     Project,
     QuotaGroup,
-    Resource,
     TrainTask,
     User,
     as_utc,
@@ -58,7 +57,10 @@ from anylearn_sdk.wire import (
     MAX_LOG_OFFSET,
     NEXT_OFFSET_HEADER,
     RESOURCE_KEYS,
+    REUSED_HEADER,
     TASK_STATE_HEADER,
+    ExperimentRecord,
+    MetricSeries,
     ModelFromResults,
     NewModelFromResults,
     NewTask,
@@ -126,6 +128,27 @@ def _validate(body: NewTask, user: User, session: Session, ctx) -> tuple[dict, s
     return request, output, project
 
 
+def _identity(body: NewTask, output: str, session: Session, ctx) -> dict:
+    """:func:`records.task_identity` of the task ``body`` would create."""
+    mirror = session.get(Mirror, body.mirror_id)
+    repo = ctx.paths.repo(body.algorithm_id)
+    return {
+        "commit": body.commit,
+        "inputs": records.inputs_identity(session, body.mounts.model_dump()),
+        "entrypoint": body.entrypoint,
+        "hyperparameters": body.hyperparams,
+        "mirror": body.mirror_id,
+        "environment": records.environment_identity(repo, body.commit, mirror.python),
+        "layout": [
+            body.hyperparams_prefix,
+            body.hyperparams_delimiter,
+            output,
+            body.num_nodes,
+            body.nproc_per_node,
+        ],
+    }
+
+
 @router.post("", status_code=201, response_model=TaskRecord)
 def create_task(
     body: NewTask,
@@ -135,7 +158,12 @@ def create_task(
     response: Response,
     idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER, max_length=100),
 ) -> TaskRecord:
-    """Create a train task. A repeated ``Idempotency-Key`` returns the first task (200)."""
+    """Create a train task. A repeated ``Idempotency-Key`` returns the first task (200).
+
+    With ``reuse="succeeded"``, an earlier SUCCEEDED task of the same commit, inputs (by
+    checksum), entrypoint, hyperparameters, mirror, environment key, hyperparameter format,
+    output folder and nodes × processes is answered instead (200, its id in
+    ``X-Anylearn-Reused``), and nothing is created."""
     if idempotency_key:
         existing = session.scalar(
             select(TrainTask).where(
@@ -146,6 +174,12 @@ def create_task(
             response.status_code = 200
             return task_record(existing)
     request, output, project = _validate(body, user, session, ctx)
+    if body.reuse == "succeeded":
+        earlier = records.find_identical(session, user.id, _identity(body, output, session, ctx))
+        if earlier is not None:
+            response.status_code = 200
+            response.headers[REUSED_HEADER] = earlier.id
+            return task_record(earlier)
     task = TrainTask(
         owner_id=user.id,
         project_id=project.id,
@@ -278,20 +312,40 @@ def get_task(task_id: str, user: CurrentUser, session: DB) -> TaskRecord:
     """The task's whole record, with ``inputs``: each mount's kind and id, and for datasets
     and models their name, checksum, file count and size in bytes."""
     task = owned_task(session, user, task_id)
-    inputs = []
-    for kind in ("dataset", "model", "pretrain"):
-        for ref in (task.mounts.get(kind) or {}).get("ids") or []:
-            res = session.get(Resource, ref) if kind != "pretrain" else None
-            details = {}
-            if res is not None:
-                details = dict(
-                    name=res.name,
-                    checksum=res.checksum,
-                    file_count=res.file_count,
-                    total_bytes=res.total_bytes,
-                )
-            inputs.append(TaskInput(kind=kind, id=ref, **details))
-    return task_record(task, inputs)
+    return task_record(task, records.task_inputs(session, task))
+
+
+@router.get("/{task_id}/record", response_model=ExperimentRecord)
+def get_experiment_record(
+    task_id: str, user: CurrentUser, session: DB, ctx: Ctx
+) -> ExperimentRecord:
+    """The task's experiment record: code (commit, message, snapshot and changed files),
+    data (inputs with checksums), parameters, environment (interpreter, packages), run
+    (times, attempts, failure and last traceback) and results (metric series, output files
+    with sha256). Built at each request, so while the task runs the series grow."""
+    task = owned_task(session, user, task_id)
+    return records.experiment_record(
+        session,
+        task,
+        repos_root=ctx.paths.repos,
+        tasks_root=ctx.paths.tasks,
+        backend=ctx.server_id,
+    )
+
+
+@router.get("/{task_id}/metrics", response_model=dict[str, MetricSeries])
+def get_metrics(
+    task_id: str,
+    user: CurrentUser,
+    session: DB,
+    ctx: Ctx,
+    key: list[str] | None = Query(default=None, max_length=100),
+) -> dict[str, MetricSeries]:
+    """The task's metric series by key (all, or only the ``key`` ones): what it logged with
+    ``log_metrics`` and the TensorBoard scalars under its output, as far as they go now."""
+    task = owned_task(session, user, task_id)
+    series, _, _ = records.results(TaskPaths.of(ctx.paths.tasks, task))
+    return {k: v for k, v in series.items() if not key or k in key}
 
 
 @router.post("/{task_id}/cancel", response_model=TaskRecord)

@@ -240,21 +240,20 @@ class NodeAgent:
     def read_log(self, offset: int) -> tuple[bytes, int]:
         """Up to :data:`LOG_CHUNK` bytes of this node's log from ``offset``, ending at a line
         end unless the chunk is full; and the offset after them."""
-        try:
-            with open(self.paths.log, "rb") as f:
-                f.seek(offset)
-                data = f.read(LOG_CHUNK)
-        except FileNotFoundError:
-            return b"", offset
-        if len(data) < LOG_CHUNK and not data.endswith(b"\n"):
-            data = data[: data.rfind(b"\n") + 1]
-        return data, offset + len(data)
+        return _read_lines(self.paths.log, offset)
 
     def flush_log(self, offset: int) -> tuple[bytes, int]:
         """The rest of the log from ``offset``, partial last line included (the ranks ended)."""
         with open(self.paths.log, "rb") as f:
             f.seek(offset)
             data = f.read()
+        return data, offset + len(data)
+
+    def read_tracking(self, offset: int) -> tuple[bytes, int]:
+        """As :meth:`read_log`, of the file this node's ranks append metrics to
+        (:mod:`anylearn_sdk.tracking`); whole lines only, since a rank writes each at once."""
+        data, _ = _read_lines(self.paths.tracking, offset)
+        data = data[: data.rfind(b"\n") + 1]
         return data, offset + len(data)
 
     def cancel(self, grace: float) -> None:
@@ -272,6 +271,20 @@ class NodeAgent:
     def output_archive(self) -> bytes:
         """The output folder (:func:`pack_folder`)."""
         return pack_folder(self.paths.output)
+
+
+def _read_lines(path: Path, offset: int) -> tuple[bytes, int]:
+    """Up to :data:`LOG_CHUNK` bytes of ``path`` from ``offset``, ending at a line end unless
+    the chunk is full (nothing if the file is missing); and the offset after them."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK)
+    except FileNotFoundError:
+        return b"", offset
+    if len(data) < LOG_CHUNK and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    return data, offset + len(data)
 
 
 def pack_folder(folder: Path) -> bytes:

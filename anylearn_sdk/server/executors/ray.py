@@ -28,6 +28,7 @@ when the backend starts, whatever of its namespace no task runs is removed (a sw
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -391,6 +392,7 @@ class RayExecutor:
             if final:
                 return
             raise
+        self._pull_tracking(agents, paths)
         if not any(data for data, _ in chunks):
             return
         with open(paths.log, "ab") as out:
@@ -401,6 +403,35 @@ class RayExecutor:
             attempt.offsets = [offset for _, offset in chunks]
             attempt.log_size = size
         self._set(attempt, Running(attempt.handle()))
+
+    def _pull_tracking(self, agents: list, paths: TaskPaths) -> None:
+        """Append what each node's ranks logged (:mod:`anylearn_sdk.tracking`) to that node's
+        copy, ``.anylearn/tracking-node<N>.jsonl``. A copy is a prefix of the node's file in
+        whole lines, so its size is where to read on, after a restart too."""
+        copies = [paths.node_tracking(i) for i in range(len(agents))]
+        offsets = []
+        for copy in copies:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            with open(copy, "ab+") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 1))
+                if size and f.read(1) != b"\n":
+                    # A backend killed mid-append left a partial line: drop it.
+                    f.seek(0)
+                    size = f.read().rfind(b"\n") + 1
+                    f.truncate(size)
+            offsets.append(size)
+        try:
+            chunks = ray.get(
+                [a.read_tracking.remote(o) for a, o in zip(agents, offsets, strict=True)],
+                timeout=CALL_TIMEOUT,
+            )
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return  # read again at the next pull, or lost with its node
+        for copy, (data, _) in zip(copies, chunks, strict=True):
+            if data:
+                with open(copy, "ab") as f:
+                    f.write(data)
 
     def _sync_output(self, agent: Any, paths: TaskPaths) -> None:
         """Copy node 0's output folder over the backend's (members checked by tarfile's
