@@ -66,11 +66,14 @@ _LAZY = {
     "remove_user": "anylearn_sdk.resources",
     "resolve_task_id": "anylearn_sdk.resources",
     "revoke_token": "anylearn_sdk.resources",
+    "set_mirror": "anylearn_sdk.resources",
     "set_quota_group": "anylearn_sdk.resources",
     "whoami": "anylearn_sdk.resources",
     "TaskFailedError": "anylearn_sdk.errors",
     "TaskSummary": "anylearn_sdk.wire",
     "TaskRecord": "anylearn_sdk.wire",
+    "ExperimentRecord": "anylearn_sdk.wire",
+    "MetricSeries": "anylearn_sdk.wire",
     "login": "anylearn_sdk.session",
 }
 
@@ -92,6 +95,8 @@ __all__ = [
     "ResourceState",
     "TaskFailedError",
     "TaskRecord",
+    "ExperimentRecord",
+    "MetricSeries",
     "TaskState",
     "TaskSummary",
     "Token",
@@ -121,6 +126,7 @@ __all__ = [
     "resolve_task_id",
     "resume_unfinished_local_train_tasks",
     "revoke_token",
+    "set_mirror",
     "set_quota_group",
     "sync_dataset",
     "sync_model",
@@ -174,6 +180,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         remove_user,
         resolve_task_id,
         revoke_token,
+        set_mirror,
         set_quota_group,
         whoami,
     )
@@ -181,4 +188,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from anylearn_sdk.states import ResourceState, TaskState
     from anylearn_sdk.sync import Preview, preview_dataset, sync_dataset, sync_model
     from anylearn_sdk.tracking import log_metrics, log_params, set_tags
-    from anylearn_sdk.wire import TaskRecord, TaskSummary
+    from anylearn_sdk.wire import ExperimentRecord, MetricSeries, TaskRecord, TaskSummary

@@ -39,6 +39,7 @@ from anylearn_sdk.session import SdkContext, get_context, server_id_of
 from anylearn_sdk.states import TaskState
 from anylearn_sdk.wire import (
     IDEMPOTENCY_HEADER,
+    REUSED_HEADER,
     AlgorithmRecord,
     HyperValue,
     Mount,
@@ -49,6 +50,8 @@ from anylearn_sdk.wire import (
 
 log = logging.getLogger(__name__)
 DEFAULT_QUOTA_GROUP = "default"
+#: ``quick_train(reuse=...)``: always run, or answer an identical SUCCEEDED task.
+REUSE_CHOICES = ("run", "succeeded")
 #: Seconds to wait for a dataset or model to become READY before giving up.
 DEFAULT_RESOURCE_TIMEOUT = 3600.0
 
@@ -159,6 +162,7 @@ def quick_train(
     num_nodes: int = 1,
     nproc_per_node: int = 1,
     progress: bool | ProgressCallback | None = True,
+    reuse: str = "run",
 ) -> tuple[TrainTask, Algorithm, list[Dataset], Project]:
     """Sync code and data, then create a training task on the current backend.
 
@@ -202,6 +206,11 @@ def quick_train(
         task_name / task_description: labels.
         num_nodes / nproc_per_node: processes launched with torchrun's environment variables.
         progress: True for tqdm bars and messages, False for silence, or a callback.
+        reuse: ``"run"`` (the default) creates a task; ``"succeeded"`` returns an earlier
+            SUCCEEDED task instead, without running anything, when its commit, inputs (by
+            checksum), entrypoint, hyperparameters, mirror and environment key (and
+            hyperparameter format, output folder, nodes × processes) are all equal, and says
+            so. Code and data are still synced, since their checksums decide.
 
     Returns:
         ``(train_task, algorithm, datasets, project)``.
@@ -229,6 +238,8 @@ def quick_train(
     params = _check_hyperparams(hyperparams)
     amounts = check_amounts("quota_group_request", quota_group_request)
     request = amounts.model_dump() if amounts is not None else None
+    if reuse not in REUSE_CHOICES:
+        raise InvalidArgumentError(f"reuse {reuse!r}: use one of {', '.join(REUSE_CHOICES)}")
     _positive(num_nodes, "num_nodes", integer=True)
     _positive(nproc_per_node, "nproc_per_node", integer=True)
     _positive(resource_polling, "resource_polling", integer=False)
@@ -277,6 +288,7 @@ def quick_train(
         request=request,
         num_nodes=num_nodes,
         nproc_per_node=nproc_per_node,
+        reuse=reuse,
         algorithm_id="",  # known once the algorithm is synced
         commit="",
     )
@@ -386,11 +398,23 @@ def _submit(
         }
     )
     headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
-    record = ctx.api.call("POST", "/train-tasks", TaskRecord, body, headers=headers)
+    response = ctx.api.request(
+        "POST",
+        "/train-tasks",
+        json=body.model_dump(mode="json", exclude_unset=True),
+        headers=headers,
+    )
+    record = TaskRecord.model_validate_json(response.content)
+    task = TrainTask(record.id, context=ctx, record=record)
+    if response.headers.get(REUSED_HEADER):
+        report.message(
+            f"reusing task {task.id} ({task.state.value}): an identical run at commit "
+            f"{algorithm.commit[:12]}; nothing was started"
+        )
+        return task, algorithm, datasets, project
     ctx.store.record_task(
         ctx.server_id, ctx.settings.host, ctx.settings.username, record.model_dump(mode="json")
     )
-    task = TrainTask(record.id, context=ctx, record=record)
     report.message(f"task {task.id} created ({task.state.value}) at commit {algorithm.commit[:12]}")
     return task, algorithm, datasets, project
 

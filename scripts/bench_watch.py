@@ -73,7 +73,7 @@ def create_tasks(url: str, token: str, count: int, work: Path) -> None:
         algorithm_dir=algo, entrypoint="python job.py", quota_group_name="bench", progress=False
     )[0]
     body = {
-        key: getattr(first.record, key)
+        key: getattr(first.info, key)
         for key in ("algorithm_id", "commit", "entrypoint", "mirror_id", "quota_group_id")
     }
     with requests.Session() as session:

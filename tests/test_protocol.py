@@ -94,6 +94,10 @@ def test_public_api_is_what_we_mean():
         "set_quota_group",
         "remove_quota_group",
         "add_mirror",
+        "set_mirror",
+        # experiment records
+        "ExperimentRecord",
+        "MetricSeries",
         # errors
         "AnylearnError",
         "RequiredLocalCommitError",

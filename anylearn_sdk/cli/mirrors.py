@@ -1,11 +1,11 @@
-"""``anylearn mirrors add|ls``."""
+"""``anylearn mirrors add|set|ls``."""
 
 from __future__ import annotations
 
 import click
 
 from anylearn_sdk.cli.output import Col, emit, json_option
-from anylearn_sdk.resources.runtime import add_mirror, list_mirrors
+from anylearn_sdk.resources.runtime import add_mirror, list_mirrors, set_mirror
 
 MIRROR_COLUMNS = (
     Col("name", lambda m: m.name, key=True),
@@ -27,6 +27,17 @@ def add(name: str, python: str) -> None:
     """Add a mirror (admin only)."""
     mirror = add_mirror(name, python)
     click.echo(f"mirror {mirror.name} added ({mirror.python})")
+
+
+@mirrors.command("set")
+@click.argument("name")
+@click.option(
+    "--python", "python", required=True, help="Absolute path of the interpreter on the server."
+)
+def set_(name: str, python: str) -> None:
+    """Point a mirror at another interpreter (admin only); tasks started afterwards use it."""
+    mirror = set_mirror(name, python)
+    click.echo(f"mirror {mirror.name} now runs {mirror.python}")
 
 
 @mirrors.command("ls")

@@ -1,4 +1,5 @@
-"""``anylearn tasks``: list and watch, show, logs, cancel, download, register-model, rm.
+"""``anylearn tasks``: list and watch, show, compare, metrics, logs, cancel, download,
+register-model, export, rm.
 
 Every TASK argument takes an id or a unique prefix of one (``task-e98c``, or ``e98c``).
 """
@@ -17,10 +18,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from anylearn_sdk.cli.charts import charts
 from anylearn_sdk.cli.output import Col, json_option, size, state_text, table, to_json, when
+from anylearn_sdk.compare import compare as compare_records
 from anylearn_sdk.errors import ServerError
-from anylearn_sdk.resources.runtime import list_quota_groups
 from anylearn_sdk.resources.train_task import (
+    DEFAULT_MAX_ARTIFACT_MB,
     TrainTask,
     follow_train_tasks,
     list_train_tasks,
@@ -158,40 +161,51 @@ def _task(ref: str) -> TrainTask:
 @click.argument("task_ref", metavar="TASK")
 @json_option
 def show(task_ref: str, as_json: bool) -> None:
-    """Show a task's whole record: commit, inputs and their checksums, hyperparameters, the
-    exact command line, environment, timings, exit code, why it failed, and attempts."""
+    """Show a task's experiment record: code (commit, message, uncommitted changes), inputs
+    and their checksums, hyperparameters and the exact command line, environment (Python,
+    packages), quota group and request, timings, exit code, why it failed (with the last
+    traceback), attempts, metric summaries and output files. ``--json``: the task's fields
+    with the whole record under ``"record"``."""
     task = _task(task_ref).refresh()
-    record = task.record
+    info = task.info
+    record = task.record()
     if as_json:
-        click.echo(json.dumps(record.model_dump(mode="json"), indent=2))
+        whole = info.model_dump(mode="json") | {"record": record.model_dump(mode="json")}
+        click.echo(json.dumps(whole, indent=2))
         return
-    groups = {g.id: g.name for g in list_quota_groups()}
-    group = groups.get(record.quota_group_id, record.quota_group_id)
-    runtime = record.runtime
-    request = record.request.model_dump()
+    code, env, run, params = record.code, record.environment, record.run, record.parameters
+    commit = code.commit + (f"  {code.message.splitlines()[0]}" if code.message else "")
+    if code.snapshot and code.base_commit:
+        commit += f"\nsnapshot of uncommitted changes over {code.base_commit}"
+        commit += f": {', '.join(code.changed_files)}" if code.changed_files else ""
+    elif code.snapshot:
+        commit += "\nsnapshot of a folder without git"
     fields: list[tuple[str, str | Text]] = [
-        ("id", record.id),
-        ("name", record.name),
-        ("state", state_text(record.state)),
-        ("error", record.error or "-"),
-        ("exit code", "-" if record.exit_code is None else str(record.exit_code)),
-        ("attempt", str(record.attempt)),
-        ("algorithm", f"{record.algorithm_id} @ {record.commit}"),
-        ("entrypoint", record.entrypoint),
-        ("hyperparameters", json.dumps(record.hyperparams)),
-        ("command", record.command or "-"),
-        ("output", record.output),
-        ("quota group", f"{group}, request {json.dumps(request)}"),
-        ("processes", f"{record.num_nodes} node(s) x {record.nproc_per_node}"),
-        ("python", runtime.python or "-"),
-        ("environment", runtime.environment or "none (no requirements.txt)"),
-        ("gpus", ",".join(map(str, runtime.gpus)) or "-"),
-        ("created", when(record.created_at)),
-        ("started", when(record.started_at)),
-        ("finished", when(record.finished_at)),
-        ("elapsed", _elapsed(record.started_at, record.finished_at, datetime.now(UTC))),
+        ("id", info.id),
+        ("name", info.name),
+        ("state", state_text(info.state)),
+        ("error", info.error or "-"),
+        ("exit code", "-" if info.exit_code is None else str(info.exit_code)),
+        ("attempt", str(info.attempt)),
+        ("algorithm", f"{code.algorithm} ({info.algorithm_id})"),
+        ("commit", commit),
+        ("entrypoint", info.entrypoint),
+        ("hyperparameters", json.dumps(info.hyperparams)),
+        ("command", info.command or "-"),
+        ("output", info.output),
+        ("quota group", f"{run.quota_group}, request {json.dumps(run.request.model_dump())}"),
+        ("processes", f"{info.num_nodes} node(s) x {info.nproc_per_node}"),
+        ("mirror", env.mirror or env.mirror_id),
+        ("python", " ".join(filter(None, [env.python, env.python_version])) or "-"),
+        ("environment", env.environment or "none (no requirements.txt)"),
+        ("packages", f"{len(env.packages)} (--json lists them)" if env.packages else "-"),
+        ("gpus", ",".join(map(str, env.gpus)) or "-"),
+        ("created", when(info.created_at)),
+        ("started", when(info.started_at)),
+        ("finished", when(info.finished_at)),
+        ("elapsed", _elapsed(info.started_at, info.finished_at, datetime.now(UTC))),
     ]
-    for item in record.inputs:
+    for item in info.inputs:
         detail = item.id
         if item.checksum is not None:
             detail += (
@@ -199,14 +213,129 @@ def show(task_ref: str, as_json: bool) -> None:
                 f"checksum {item.checksum})"
             )
         fields.append((f"{item.kind} input", detail))
-    env = "\n".join(f"{k}={v}" for k, v in sorted(runtime.env.items()))
-    fields.append(("env", env or "-"))
+    for name, value in (("logged params", params.logged), ("tags", params.tags)):
+        if value:
+            fields.append((name, json.dumps(value)))
+    if run.traceback:
+        fields.append(("traceback", run.traceback))
+    for key, series in record.results.metrics.items():
+        summary = "no points yet"
+        if series.values:
+            summary = (
+                f"last {series.last:.6g}, min {series.min:.6g}, max {series.max:.6g} "
+                f"({len(series.values)} points to step {series.steps[-1]})"
+            )
+        fields.append((f"metric {key}", summary))
+    outputs = record.results.outputs
+    if outputs:
+        listed = "\n".join(f"{f.path}  {size(f.bytes)}  {f.sha256[:16]}" for f in outputs[:20])
+        more = len(outputs) - 20
+        listed += f"\n... {more} more (--json lists them)" if more > 0 else ""
+        fields.append(("output files", listed))
+    env_vars = "\n".join(f"{k}={v}" for k, v in sorted(info.runtime.env.items()))
+    fields.append(("env", env_vars or "-"))
     out = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
     out.add_column(style="bold", no_wrap=True)
     out.add_column(overflow="fold")
     for name, value in fields:
-        out.add_row(name, value)
+        out.add_row(name, value if isinstance(value, Text) else Text(value))
     Console().print(out)
+
+
+@tasks.command()
+@click.argument("task_refs", metavar="TASK TASK [TASK...]", nargs=-1, required=True)
+@json_option
+@click.option("--all", "show_all", is_flag=True, help="Also list the rows that are equal.")
+def compare(task_refs: tuple[str, ...], as_json: bool, show_all: bool) -> None:
+    """Compare tasks side by side: code, data, parameters, environment, outcome and metric
+    summaries, one column per task; rows that differ are marked with ``*``. Without
+    ``--all`` only the rows that differ, and the outcome, are listed."""
+    if len(task_refs) < 2:
+        raise click.UsageError("give two or more tasks")
+    records = [_task(ref).record() for ref in task_refs]
+    rows = compare_records(records)
+    if as_json:
+        tasks_json = [{"id": r.task_id, "name": r.name} for r in records]
+        body = {"tasks": tasks_json, "rows": [row.as_json() for row in rows]}
+        click.echo(json.dumps(body, indent=2))
+        return
+    shown = [r for r in rows if show_all or r.differs or r.section == "outcome"]
+    out = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    out.add_column("", no_wrap=True)
+    out.add_column("section", no_wrap=True)
+    out.add_column("row", overflow="fold")
+    for record in records:
+        out.add_column(Text(f"{record.task_id}\n{record.name}"), overflow="fold")
+    for row in shown:
+        style = "bold yellow" if row.differs else ""
+        cells = [Text(v, style=style) for v in row.values]
+        out.add_row(Text("*" if row.differs else ""), row.section, Text(row.name), *cells)
+    differing = sum(r.differs for r in rows)
+    out.caption = f"{differing} of {len(rows)} rows differ" + (
+        "" if show_all else "; --all lists every row"
+    )
+    out.caption_justify = "left"
+    Console().print(out)
+
+
+@tasks.command()
+@click.argument("task_ref", metavar="TASK")
+@click.option("--key", "keys", multiple=True, help="Only this metric (repeatable).")
+@json_option
+def metrics(task_ref: str, keys: tuple[str, ...], as_json: bool) -> None:
+    """Draw a task's metric series in the terminal, one chart per key (``--json``: the
+    series, each with its steps, values, timestamps and last/min/max). Works while the task
+    runs: the series so far."""
+    task = _task(task_ref)
+    series = task.metrics(keys or None)
+    missing = [k for k in keys if k not in series]
+    if as_json:
+        click.echo(json.dumps({k: v.model_dump(mode="json") for k, v in series.items()}, indent=2))
+    elif series:
+        console = Console()
+        click.echo(charts(series.values(), console.width - 2, color=console.is_terminal))
+    else:
+        click.echo(f"{task.id}: no metrics logged yet")
+    if missing:
+        raise click.ClickException(f"no metric {', '.join(map(repr, missing))} in {task.id}")
+
+
+@tasks.command()
+@click.argument("task_ref", metavar="TASK")
+@click.option("--mlflow", "to_mlflow", is_flag=True, required=True, help="Export to MLflow.")
+@click.option(
+    "--tracking-uri", help="MLflow tracking URI (default: MLflow's, MLFLOW_TRACKING_URI)."
+)
+@click.option("--experiment", help="MLflow experiment name (made if missing; default: MLflow's).")
+@click.option(
+    "--max-artifact-mb",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_ARTIFACT_MB,
+    show_default=True,
+    help="Refuse if the output files total more MiB than this.",
+)
+@click.option(
+    "--allow-dirty", is_flag=True, help="Export a task whose code had uncommitted changes."
+)
+def export(
+    task_ref: str,
+    to_mlflow: bool,
+    tracking_uri: str | None,
+    experiment: str | None,
+    max_artifact_mb: float,
+    allow_dirty: bool,
+) -> None:
+    """Export a finished task to MLflow as one run: parameters, every metric point with its
+    step and time, tags (commit, input checksums, task id) and output files as artifacts.
+    Exporting it again updates the same run. Needs ``pip install 'anylearn-sdk[mlflow]'``."""
+    task = _task(task_ref)
+    run_id = task.export_mlflow(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        max_artifact_mb=max_artifact_mb,
+        allow_dirty=allow_dirty,
+    )
+    click.echo(f"{task.id}: MLflow run {run_id}")
 
 
 @tasks.command()

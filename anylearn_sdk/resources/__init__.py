@@ -30,6 +30,7 @@ from anylearn_sdk.resources.runtime import (
     list_mirrors,
     list_quota_groups,
     remove_quota_group,
+    set_mirror,
     set_quota_group,
 )
 from anylearn_sdk.resources.train_task import (
@@ -70,6 +71,7 @@ __all__ = [
     "remove_user",
     "resolve_task_id",
     "revoke_token",
+    "set_mirror",
     "set_quota_group",
     "whoami",
 ]

@@ -12,6 +12,7 @@ from anylearn_sdk.wire import (
     RESOURCE_KEYS,
     Amounts,
     MirrorRecord,
+    MirrorUpdate,
     NewMirror,
     NewQuotaGroup,
     QuotaGroupRecord,
@@ -188,3 +189,16 @@ def add_mirror(name: str, python: str, *, context: SdkContext | None = None) -> 
     ctx = context or get_context()
     body = make_body(NewMirror, name=name, python=python)
     return ctx.api.call("POST", "/mirrors", Mirror, body)
+
+
+def set_mirror(name: str, python: str, *, context: SdkContext | None = None) -> Mirror:
+    """Point mirror ``name`` at another interpreter on the server machine (admin only);
+    attempts that start afterwards use it.
+
+    Raises:
+        BadRequestError: ``python`` is not an absolute path to an interpreter that runs.
+        NotFoundError: no mirror of that name.
+    """
+    ctx = context or get_context()
+    body = make_body(MirrorUpdate, python=python)
+    return ctx.api.call("PATCH", f"/mirrors/{name}", Mirror, body, resource_id=name)

@@ -31,6 +31,8 @@ from anylearn_sdk.wire import (
     NEXT_OFFSET_HEADER,
     TASK_STATE_HEADER,
     Amounts,
+    ExperimentRecord,
+    MetricSeries,
     NewModelFromResults,
     TaskInput,
     TaskRecord,
@@ -39,6 +41,8 @@ from anylearn_sdk.wire import (
 )
 
 DOWNLOAD_BLOCK_BYTES = 1024 * 1024
+#: MiB of output files :meth:`TrainTask.export_mlflow` uploads as artifacts at most.
+DEFAULT_MAX_ARTIFACT_MB = 1024.0
 #: Seconds following calls keep trying to reach a backend that went away.
 DEFAULT_RECONNECT_TIMEOUT = 600.0
 
@@ -78,7 +82,7 @@ class TrainTask:
 
     ``TrainTask(id, load_detail=True)`` loads any of the current user's tasks; without
     ``load_detail`` the record loads on first use. The attributes are the server's record
-    (:class:`~anylearn_sdk.wire.TaskRecord`, also whole as :attr:`record`): ``name``,
+    (:class:`~anylearn_sdk.wire.TaskRecord`, also whole as :attr:`info`): ``name``,
     ``state``, ``commit``, ``entrypoint``, ``hyperparams``, ``command`` (the exact command line
     once started), ``exit_code``, ``error`` (why it failed, in words a person can act on),
     ``attempt`` (1, plus one per re-run after its processes were lost), ``inputs``,
@@ -115,87 +119,87 @@ class TrainTask:
         return self._context
 
     @property
-    def record(self) -> TaskRecord:
+    def info(self) -> TaskRecord:
         """The server's whole record of the task, as last loaded (loaded now if never)."""
         return self._record if self._record is not None else self._load()
 
     # typed attributes of the record -----------------------------------------------------
     @property
     def name(self) -> str:
-        return self.record.name
+        return self.info.name
 
     @property
     def state(self) -> TaskState:
-        return self.record.state
+        return self.info.state
 
     @property
     def commit(self) -> str:
-        return self.record.commit
+        return self.info.commit
 
     @property
     def entrypoint(self) -> str:
-        return self.record.entrypoint
+        return self.info.entrypoint
 
     @property
     def hyperparams(self) -> dict:
-        return dict(self.record.hyperparams)
+        return dict(self.info.hyperparams)
 
     @property
     def command(self) -> str | None:
-        return self.record.command
+        return self.info.command
 
     @property
     def exit_code(self) -> int | None:
-        return self.record.exit_code
+        return self.info.exit_code
 
     @property
     def error(self) -> str | None:
-        return self.record.error
+        return self.info.error
 
     @property
     def attempt(self) -> int:
-        return self.record.attempt
+        return self.info.attempt
 
     @property
     def inputs(self) -> list[TaskInput]:
-        return list(self.record.inputs)
+        return list(self.info.inputs)
 
     @property
     def runtime(self) -> TaskRuntime:
         """How the current attempt runs: environment key, python, GPU indices, variables."""
-        return self.record.runtime
+        return self.info.runtime
 
     @property
     def request(self) -> Amounts:
-        return self.record.request
+        return self.info.request
 
     @property
     def quota_group_id(self) -> str:
-        return self.record.quota_group_id
+        return self.info.quota_group_id
 
     @property
     def algorithm_id(self) -> str:
-        return self.record.algorithm_id
+        return self.info.algorithm_id
 
     @property
     def project_id(self) -> str:
-        return self.record.project_id
+        return self.info.project_id
 
     @property
     def output(self) -> str:
-        return self.record.output
+        return self.info.output
 
     @property
     def created_at(self) -> datetime:
-        return self.record.created_at
+        return self.info.created_at
 
     @property
     def started_at(self) -> datetime | None:
-        return self.record.started_at
+        return self.info.started_at
 
     @property
     def finished_at(self) -> datetime | None:
-        return self.record.finished_at
+        return self.info.finished_at
 
     # calls ------------------------------------------------------------------------------
     def _apply(self, record: TaskRecord) -> TaskRecord:
@@ -217,7 +221,7 @@ class TrainTask:
     def failure(self, hint: str = "") -> TaskFailedError | None:
         """The error describing how the task ended, if it ended FAILED or CANCELLED (its
         message ends with ``hint``, what the caller may do instead, when given)."""
-        record = self.record
+        record = self.info
         if record.state not in (TaskState.FAILED, TaskState.CANCELLED):
             return None
         reason = record.error or "no reason recorded"
@@ -346,6 +350,64 @@ class TrainTask:
                 self.refresh()
                 return
             time.sleep(poll_interval)
+
+    def record(self) -> ExperimentRecord:
+        """The task's experiment record, read now: code (commit, message, whether it is a
+        snapshot of uncommitted changes and which files they touched), data (each input's
+        checksum, files, bytes), parameters, environment (mirror, Python, packages), run
+        (quota group, times, attempts, exit code, failure and last traceback) and results
+        (metric series with their summaries, output files with sha256). While the task
+        runs, each call sees its series grown. See ``docs/experiments.md``.
+
+        Raises:
+            NotFoundError: no such task for this user.
+        """
+        path = f"/train-tasks/{self.id}/record"
+        return self.context.api.call("GET", path, ExperimentRecord, resource_id=self.id)
+
+    def metrics(self, keys: Iterable[str] | None = None) -> dict[str, MetricSeries]:
+        """The task's metric series by key (all, or only ``keys``), as far as they go now:
+        what it logged with :func:`~anylearn_sdk.log_metrics` and the TensorBoard scalars
+        under its output. Cheaper than :meth:`record` for following a curve."""
+        params = [("key", k) for k in keys or ()]
+        path = f"/train-tasks/{self.id}/metrics"
+        return self.context.api.call(
+            "GET", path, dict[str, MetricSeries], params=params, resource_id=self.id
+        )
+
+    def export_mlflow(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        max_artifact_mb: float = DEFAULT_MAX_ARTIFACT_MB,
+        allow_dirty: bool = False,
+    ) -> str:
+        """Export the finished task to MLflow as one run; returns the run's id.
+
+        The run gets the hyperparameters and logged parameters, every metric point with its
+        step and timestamp, tags (``anylearn.task_id``, commit, snapshot flag, input
+        checksums, backend) and the output files as artifacts. Exporting the same task again
+        updates the same run (found by its ``anylearn.task_id`` tag). ``tracking_uri``
+        defaults to MLflow's own (``MLFLOW_TRACKING_URI``), ``experiment`` to MLflow's default
+        experiment. Needs the ``mlflow`` extra (``pip install 'anylearn-sdk[mlflow]'``),
+        imported only here.
+
+        Raises:
+            TaskStateError: the task has not finished.
+            InvalidArgumentError: its code is a snapshot of uncommitted changes (pass
+                ``allow_dirty=True`` to export it anyway), its output files total more than
+                ``max_artifact_mb`` MiB, or mlflow is not installed.
+        """
+        from anylearn_sdk.resources.mlflow_export import export_task
+
+        return export_task(
+            self,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            max_artifact_mb=max_artifact_mb,
+            allow_dirty=allow_dirty,
+        )
 
     def cancel(self) -> TaskState:
         """Cancel the task (every rank gets SIGTERM, then SIGKILL); returns its new state."""

@@ -4,6 +4,7 @@ Every rank reads the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_
 ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); ``init_process_group`` finds its peers
 through them (``env://``). Rank r contributes r + 1, so every rank must see
 ``WORLD_SIZE * (WORLD_SIZE + 1) / 2``. Rank 0 writes ``result.json`` into the output folder.
+Every rank logs the sum it saw with ``log_metrics`` (the record keeps rank 0's series).
 
     python train.py [--fail-rank N]   # rank N exits 3 before the all-reduce
 """
@@ -18,6 +19,13 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # CPU torch, no numpy
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+try:
+    from anylearn_sdk import log_metrics
+except ImportError:  # anylearn_sdk not installed: nothing is logged
+
+    def log_metrics(metrics, step=None):
+        pass
 
 
 def say(text: str) -> None:
@@ -43,6 +51,7 @@ def main() -> int:
     on = f" on Ray node {host}" if host else ""
     total = f"all_reduce sum {value.item():g}, expected {expected:g}"
     say(f"rank {rank}/{world} ({where}): {total}{on}")
+    log_metrics({"all_reduce_sum": value.item(), "rank": float(rank)}, step=0)
     dist.barrier()
     dist.destroy_process_group()
     if value.item() != expected:

@@ -48,6 +48,11 @@ def test_distributed_example_spans_both_nodes(sdk):
     assert nodes[0] == nodes[1] != nodes[2] == nodes[3]
     assert task.refresh().runtime.nodes == [nodes[0], nodes[2]]
     assert log.count("all_reduce sum 10") == 4  # each line once
+    # Each node's tracking file was pulled; the record keeps the lowest rank's series.
+    metrics = task.record().results.metrics
+    assert metrics["all_reduce_sum"].values == [10.0] and metrics["rank"].values == [0.0]
+    copies = sorted(p.name for p in (sdk.data_dir / "tasks" / task.id / ".anylearn").iterdir())
+    assert {"tracking-node0.jsonl", "tracking-node1.jsonl"} <= set(copies), copies
 
 
 #: Prints a line every 0.1 s, ``--lines`` of them, or until ``--until`` exists; says its pid.
