@@ -59,6 +59,11 @@ class RequiredLocalCommitError(InvalidArgumentError):
         self.changed_files = changed_files
 
 
+class ResumeRefusedError(InvalidArgumentError):
+    """An interrupted ``quick_train`` call was not resumed: its code or inputs changed since
+    it was made (the message names which, and how)."""
+
+
 class LocalBackendError(AnylearnError):
     """The embedded local backend could not be started or reached."""
 

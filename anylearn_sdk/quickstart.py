@@ -8,10 +8,12 @@ commit; data is deduplicated by content and only what the server lacks is upload
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,16 @@ from anylearn_sdk.client.http import ApiClient, make_body
 from anylearn_sdk.config import stored_token
 from anylearn_sdk.content.archive import archive_manifest
 from anylearn_sdk.content.manifest import Manifest, build_manifest
-from anylearn_sdk.errors import InvalidArgumentError, NotFoundError
+from anylearn_sdk.errors import (
+    AnylearnError,
+    BadRequestError,
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceError,
+    ResumeRefusedError,
+)
 from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE, stoppable_pool
 from anylearn_sdk.progress import ProgressCallback, resolve_progress
 from anylearn_sdk.protocol import check_relative_path
@@ -54,6 +65,74 @@ DEFAULT_QUOTA_GROUP = "default"
 REUSE_CHOICES = ("run", "succeeded")
 #: Seconds to wait for a dataset or model to become READY before giving up.
 DEFAULT_RESOURCE_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """A saved ``quick_train`` call being finished: the connection to its server, its id
+    (also its task's idempotency key) and the identity of its code and inputs back then."""
+
+    context: SdkContext
+    call_id: str
+    identity: dict[str, Any]
+
+
+#: Arguments that name local paths; a saved call keeps them absolute.
+PATH_ARGUMENTS = ("algorithm_dir", "dataset_dir", "model_dir", "dataset_archive")
+#: Errors after which a saved call is forgotten: running it again would fail the same way.
+#: Others (the server unreachable, a timeout, Ctrl-C, a killed process) keep it for
+#: :func:`resume_unfinished_local_train_tasks`.
+PERMANENT_ERRORS = (
+    InvalidArgumentError,
+    BadRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    ConflictError,
+    ResourceError,
+)
+
+
+def _json_arguments(given: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a ``quick_train`` call as JSON values (paths as text), without
+    ``progress`` and ``_resume``, to call it again."""
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        if name in ("progress", "_resume"):
+            continue
+        if name in PATH_ARGUMENTS and value is not None:
+            value = str(Path(value).expanduser().resolve())  # the call may resume elsewhere
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return json.loads(json.dumps(out, default=str))
+
+
+def _check_unchanged(arguments: dict, then: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse a resumed call whose code or inputs are not what they were.
+
+    Raises:
+        ResumeRefusedError: naming each argument that changed, with the old and new commit
+            or checksum.
+    """
+    changed = []
+    if then.get("commit") != now.get("commit"):
+        changed.append(
+            f"algorithm_dir {arguments.get('algorithm_dir')!r} is now commit "
+            f"{str(now.get('commit'))[:12]}, not {str(then.get('commit'))[:12]}"
+        )
+    for name in sorted(set(then) - {"commit"} | set(now) - {"commit"}):
+        if then.get(name) != now.get(name):
+            changed.append(
+                f"{name} {arguments.get(name)!r} now has checksum {str(now.get(name))[:12]}, "
+                f"not {str(then.get(name))[:12]}"
+            )
+    if changed:
+        raise ResumeRefusedError(
+            "the interrupted quick_train call is not resumed, its code or inputs changed "
+            f"since: {'; '.join(changed)}. Call quick_train again to run what is there now"
+        )
 
 
 def _as_list(value: str | list[str] | tuple[str, ...] | None, arg: str) -> list[str]:
@@ -163,6 +242,7 @@ def quick_train(
     nproc_per_node: int = 1,
     progress: bool | ProgressCallback | None = True,
     reuse: str = "run",
+    _resume: _Resume | None = None,
 ) -> tuple[TrainTask, Algorithm, list[Dataset], Project]:
     """Sync code and data, then create a training task on the current backend.
 
@@ -220,7 +300,12 @@ def quick_train(
         RequiredLocalCommitError: uncommitted changes without ``algorithm_force_update``.
         AuthenticationError: the token or password was rejected.
         ResourceError / AnylearnTimeoutError: uploaded data failed or timed out.
+
+    From the moment the code and inputs are pinned (a commit, checksums) until the task
+    exists, the call is kept in the local store, so a process that dies in between (during
+    an upload, say) leaves a call that :func:`resume_unfinished_local_train_tasks` finishes.
     """
+    arguments = _json_arguments(locals())
     # 1. Local checks: nothing touches the network or the disk yet.
     if not entrypoint or not isinstance(entrypoint, str):
         raise InvalidArgumentError("entrypoint is required, for example 'python train.py'")
@@ -250,7 +335,8 @@ def quick_train(
     report = resolve_progress(progress)
 
     # 2. Resolve every name and id on the server (read-only).
-    ctx = get_context()
+    ctx = _resume.context if _resume is not None else get_context()
+    call_id = _resume.call_id if _resume is not None else uuid.uuid4().hex
     group = resolve_quota_group(ctx, quota_group_name or DEFAULT_QUOTA_GROUP)
     group.check_fits(request, num_nodes)
     mirror = resolve_mirror(ctx, mirror_name)
@@ -304,15 +390,23 @@ def quick_train(
             )
         else:
             snap = None
+        identity: dict[str, Any] = {"commit": snap.commit if snap else algorithm_git_ref}
         manifests: list[tuple[str, Manifest, str]] = []
         for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
             if folder is not None:
                 manifest = build_manifest(folder, ctx.store, report, label=folder.name)
                 manifests.append((kind, manifest, folder.name))
+                identity[f"{kind}_dir"] = manifest.checksum
         if archive is not None:
             name = algorithm_name_for(archive.name.split(".")[0])
             manifest = archive_manifest(archive, ctx.store, report, name)
             manifests.append(("dataset", manifest, name))
+            identity["dataset_archive"] = manifest.checksum
+        if _resume is not None:
+            _check_unchanged(arguments, _resume.identity, identity)
+        else:
+            host, username = ctx.settings.host, ctx.settings.username
+            ctx.store.save_call(ctx.server_id, call_id, host, username, arguments, identity)
         return _submit(
             ctx,
             report,
@@ -328,7 +422,11 @@ def quick_train(
             resource_polling=resource_polling,
             resource_timeout=resource_timeout,
             draft=draft,
+            call_id=call_id,
         )
+    except PERMANENT_ERRORS:
+        ctx.store.drop_call(ctx.server_id, call_id)  # running it again would fail the same way
+        raise
     except KeyboardInterrupt:
         report.message(INTERRUPTED_MESSAGE)
         raise
@@ -350,9 +448,11 @@ def _submit(
     resource_polling: float,
     resource_timeout: float,
     draft: NewTask,
+    call_id: str,
 ) -> tuple[TrainTask, Algorithm, list[Dataset], Project]:
     """Create on the server what is missing, upload data, then create the task (``draft``
-    with its algorithm, commit, project and mounts filled in)."""
+    with its algorithm, commit, project and mounts filled in; ``call_id`` is its
+    idempotency key, so a resumed call whose first try created the task gets that task)."""
 
     # 4. Create what is missing on the server.
     project = ensure_project(ctx, found_project, new_project_name)
@@ -397,7 +497,7 @@ def _submit(
             "mounts": mounts,
         }
     )
-    headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+    headers = {IDEMPOTENCY_HEADER: call_id}
     response = ctx.api.request(
         "POST",
         "/train-tasks",
@@ -407,37 +507,54 @@ def _submit(
     record = TaskRecord.model_validate_json(response.content)
     task = TrainTask(record.id, context=ctx, record=record)
     if response.headers.get(REUSED_HEADER):
+        ctx.store.drop_call(ctx.server_id, call_id)
         report.message(
             f"reusing task {task.id} ({task.state.value}): an identical run at commit "
             f"{algorithm.commit[:12]}; nothing was started"
         )
         return task, algorithm, datasets, project
     ctx.store.record_task(
-        ctx.server_id, ctx.settings.host, ctx.settings.username, record.model_dump(mode="json")
+        ctx.server_id,
+        ctx.settings.host,
+        ctx.settings.username,
+        record.model_dump(mode="json"),
+        call_id=call_id,
     )
     report.message(f"task {task.id} created ({task.state.value}) at commit {algorithm.commit[:12]}")
     return task, algorithm, datasets, project
 
 
 def resume_unfinished_local_train_tasks() -> list[TrainTask]:
-    """Refresh every task the local store last saw unfinished, from the server that runs it.
+    """Pick up, after the Python process that made them died, every task this machine made.
 
-    Tasks of the current backend are refreshed through the current connection; tasks of other
-    backends through the host and token recorded for them, when reachable. The store is
-    updated with each task's state.
+    1. Every task the local store last saw unfinished is refreshed from the server that runs
+       it: tasks of the current backend through the current connection, tasks of other
+       backends through the host and token recorded for them, when reachable.
+    2. Every ``quick_train`` call that pinned its code and inputs but died before its task
+       existed (during an upload, say) is finished: its code is pinned and its inputs hashed
+       again (from the hash cache, so unchanged data costs a directory walk), what the server
+       lacks is uploaded (resuming the interrupted uploads), and the task is created with the
+       call's idempotency key, so a task the first try did create is found, not doubled. A
+       call whose code or inputs changed since is refused and forgotten, with a warning
+       naming what changed (:class:`~anylearn_sdk.errors.ResumeRefusedError`'s message).
 
     Returns:
-        The refreshed tasks (some may now be terminal), oldest first. Tasks whose server
-        cannot be reached are skipped with a warning in the ``anylearn_sdk`` log.
+        The refreshed tasks (some may now be terminal), oldest first, then the tasks of
+        the finished calls. Servers that cannot be reached are skipped with a warning in the
+        ``anylearn_sdk`` log (their calls are kept for the next time).
     """
     ctx = get_context()
     contexts: dict[str, SdkContext | None] = {ctx.server_id: ctx}
-    tasks: list[TrainTask] = []
-    for row in ctx.store.unfinished_tasks():
+
+    def reach(row: dict) -> SdkContext | None:
         server = row["server"]
         if server not in contexts:
             contexts[server] = _context_for(ctx, row["host"], server)
-        task_ctx = contexts[server]
+        return contexts[server]
+
+    tasks: list[TrainTask] = []
+    for row in ctx.store.unfinished_tasks():
+        task_ctx = reach(row)
         if task_ctx is None:
             log.warning(
                 "task %s: its server %s cannot be reached; skipped", row["task_id"], row["host"]
@@ -447,8 +564,46 @@ def resume_unfinished_local_train_tasks() -> list[TrainTask]:
             tasks.append(TrainTask(row["task_id"], load_detail=True, context=task_ctx))
         except NotFoundError:
             log.warning("task %s no longer exists on %s", row["task_id"], row["host"])
-            ctx.store.update_task_state(server, row["task_id"], TaskState.CANCELLED.value)
+            ctx.store.update_task_state(row["server"], row["task_id"], TaskState.CANCELLED.value)
+    for row in ctx.store.pending_calls():
+        if row["pid"] != os.getpid() and _alive(row["pid"]):
+            log.info("a quick_train call of process %s is still running; left to it", row["pid"])
+            continue
+        call_ctx = reach(row)
+        if call_ctx is None:
+            log.warning(
+                "an interrupted quick_train call for %s: the server cannot be reached; kept",
+                row["host"],
+            )
+            continue
+        task = _finish_call(call_ctx, row)
+        if task is not None:
+            tasks.append(task)
     return tasks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process holds that pid now: not ours, but alive
+    return True
+
+
+def _finish_call(ctx: SdkContext, row: dict) -> TrainTask | None:
+    """Run a saved call again (see :func:`resume_unfinished_local_train_tasks`); its task, or
+    None after a warning."""
+    resume = _Resume(ctx, row["call_id"], row["identity"])
+    try:
+        return quick_train(**row["arguments"], progress=False, _resume=resume)[0]
+    except PERMANENT_ERRORS as err:
+        ctx.store.drop_call(row["server"], row["call_id"])
+        log.warning("an interrupted quick_train call was forgotten: %s", err)
+    except AnylearnError as err:
+        log.warning("an interrupted quick_train call could not be finished now: %s", err)
+    return None
 
 
 def _context_for(current: SdkContext, host: str, server_id: str) -> SdkContext | None:

@@ -16,6 +16,10 @@ Tables (created by the versioned migrations below, recorded in ``_sqlite_migrati
 * ``folder_manifests``: per folder (or archive), a fingerprint of every file's stat key and the
   manifest checksum it gave, so an unchanged folder is recognised from one walk without
   loading a row per file.
+* ``pending_calls``: each ``quick_train`` call between the moment its code and inputs were
+  pinned (a commit, checksums) and the creation of its task: its arguments and that identity,
+  so :func:`~anylearn_sdk.resume_unfinished_local_train_tasks` finishes a call whose process
+  died, and refuses one whose code or inputs changed since.
 
 Every row that names a remote id also names the server it belongs to, by the ``server_id``
 the server reports on ``/health`` (stable across restarts and port changes). Every write is in a
@@ -24,6 +28,8 @@ transaction taken with ``BEGIN IMMEDIATE`` (:meth:`LocalStore._write`).
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -129,6 +135,23 @@ def m002_upload_units_and_folder_manifests(db: sqlite_utils.Database) -> None:
 @migrations()
 def m003_folder_manifest_entries(db: sqlite_utils.Database) -> None:
     db["folder_manifests"].add_column("entries_z", bytes)
+
+
+@migrations()
+def m004_pending_calls(db: sqlite_utils.Database) -> None:
+    db["pending_calls"].create(
+        {
+            "server": str,
+            "call_id": str,
+            "host": str,
+            "username": str,
+            "arguments": str,
+            "identity": str,
+            "pid": int,
+            "created_at": float,
+        },
+        pk=("server", "call_id"),
+    )
 
 
 @dataclass(frozen=True)
@@ -332,11 +355,62 @@ class LocalStore:
             )
 
     # train tasks ---------------------------------------------------------------------------
-    def record_task(self, server: str, host: str, username: str | None, task: dict) -> None:
+    def save_call(
+        self,
+        server: str,
+        call_id: str,
+        host: str,
+        username: str | None,
+        arguments: dict,
+        identity: dict,
+    ) -> None:
+        """Remember a ``quick_train`` call on ``server`` that has not created its task yet:
+        its ``arguments``, the ``identity`` of its code and inputs (commit, checksums) when it
+        was made, and this process's pid (a call whose process lives is left to it).
+        :meth:`record_task` with the same ``call_id`` forgets it."""
+        with self._write():
+            self.db["pending_calls"].upsert(
+                {
+                    "server": server,
+                    "call_id": call_id,
+                    "host": host,
+                    "username": username or "",
+                    "arguments": json.dumps(arguments),
+                    "identity": json.dumps(identity),
+                    "pid": os.getpid(),
+                    "created_at": time.time(),
+                },
+                pk=("server", "call_id"),
+            )
+
+    def pending_calls(self) -> list[dict]:
+        """Calls saved by :meth:`save_call` and not finished, oldest first; ``arguments`` and
+        ``identity`` decoded."""
+        rows = list(self.db.query("select * from pending_calls order by created_at"))
+        for row in rows:
+            row["arguments"] = json.loads(row["arguments"])
+            row["identity"] = json.loads(row["identity"])
+        return rows
+
+    def drop_call(self, server: str, call_id: str) -> None:
+        with self._write():
+            self.db.execute(
+                "delete from pending_calls where server = ? and call_id = ?", [server, call_id]
+            )
+
+    def record_task(
+        self, server: str, host: str, username: str | None, task: dict, call_id: str = ""
+    ) -> None:
         """Record a task just created on ``server`` (``task``: its record as JSON), reached at
-        ``host``."""
+        ``host``; the pending call ``call_id`` that created it is forgotten in the same
+        transaction."""
         now = time.time()
         with self._write():
+            if call_id:
+                self.db.execute(
+                    "delete from pending_calls where server = ? and call_id = ?",
+                    [server, call_id],
+                )
             self.db["train_tasks"].upsert(
                 {
                     "server": server,

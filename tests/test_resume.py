@@ -161,3 +161,74 @@ def test_upload_survives_a_connection_reset_every_50_mb(user, tmp_path):
     assert result.state == "READY"
     assert result.checksum == build_manifest(folder, None).checksum
     assert proxy.drops >= 3
+
+
+#: Runs quick_train and dies (as a killed process would) when the upload begins.
+DYING_CALL = """
+import os, sys
+from anylearn_sdk import quick_train
+
+class DieAtUpload:
+    def phase_start(self, phase, total, unit="B"):
+        if phase.startswith("uploading"):
+            os._exit(9)
+    def advance(self, phase, amount): pass
+    def phase_end(self, phase): pass
+    def message(self, text): pass
+
+quick_train(algorithm_dir=sys.argv[1], dataset_dir=sys.argv[2], entrypoint="python train.py",
+            hyperparams={"note": "resumed"}, resource_polling=0.2, progress=DieAtUpload())
+"""
+
+
+def _dying_call(algorithm_repo: Path, data: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", DYING_CALL, str(algorithm_repo), str(data)], timeout=120
+    )
+    assert done.returncode == 9
+
+
+def _new_data(root: Path) -> Path:
+    root.mkdir()
+    (root / "a.txt").write_text("alpha\n")
+    (root / "b.bin").write_bytes(os.urandom(300_000))
+    age(root)
+    return root
+
+
+def test_a_call_that_died_before_its_task_existed_is_finished_by_resume(
+    user, tmp_path, algorithm_repo, caplog
+):
+    from anylearn_sdk import TaskState, list_train_tasks, resume_unfinished_local_train_tasks
+
+    store = get_context().store
+    _dying_call(algorithm_repo, _new_data(tmp_path / "d1"))
+    assert len(store.pending_calls()) == 1 and list_train_tasks() == []
+    (task,) = resume_unfinished_local_train_tasks()
+    assert task.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED, task.logs()[0]
+    assert "note resumed" in task.logs()[0] and task.refresh().inputs[0].file_count == 2
+    assert [t.id for t in list_train_tasks()] == [task.id]
+    assert store.pending_calls() == [] and resume_unfinished_local_train_tasks() == []
+
+    # Inputs changed since: refused, naming the folder and both checksums; forgotten.
+    data = _new_data(tmp_path / "d2")
+    _dying_call(algorithm_repo, data)
+    (data / "a.txt").write_text("changed\n")
+    with caplog.at_level("WARNING", logger="anylearn_sdk"):
+        assert resume_unfinished_local_train_tasks() == []
+    assert f"dataset_dir '{data}' now has checksum" in caplog.text, caplog.text
+    assert store.pending_calls() == [] and len(list_train_tasks()) == 1
+
+    # Code changed since: refused, naming the old and the new commit.
+    _dying_call(algorithm_repo, _new_data(tmp_path / "d3"))
+    before = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=algorithm_repo, capture_output=True, text=True
+    ).stdout.strip()
+    (algorithm_repo / "train.py").write_text((algorithm_repo / "train.py").read_text() + "\n#\n")
+    subprocess.run(["git", "commit", "-qam", "changed"], cwd=algorithm_repo, check=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anylearn_sdk"):
+        assert resume_unfinished_local_train_tasks() == []
+    assert f"algorithm_dir '{algorithm_repo}' is now commit" in caplog.text
+    assert f"not {before[:12]}" in caplog.text and store.pending_calls() == []
+    assert len(list_train_tasks()) == 1
