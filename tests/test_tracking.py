@@ -86,3 +86,37 @@ def test_a_task_appends_to_the_file_its_executor_names(user, backend, tmp_path, 
     rows = lines(backend.data_dir / "tasks" / task.id / ".anylearn" / "tracking.jsonl")
     assert sum(r["kind"] == "metric" for r in rows) == 7
     assert not (algo / "anylearn-runs").exists()
+
+
+def test_the_record_reads_whole_lines_the_lowest_rank_and_goes_on_from_its_offset(tmp_path):
+    from anylearn_sdk.server.records import logged
+    from anylearn_sdk.server.workspace import TaskPaths
+
+    paths = TaskPaths(tmp_path, "task-1")
+    paths.tracking.parent.mkdir(parents=True)
+
+    def line(**item) -> str:
+        return json.dumps({"time": 1.0, "rank": 0, **item}) + "\n"
+
+    paths.tracking.write_text(
+        line(kind="metric", key="loss", value=3.0, step=0, rank=1)
+        + line(kind="metric", key="loss", value=2.0, step=0)
+        + "not json\n"
+        + line(kind="metric", key="loss", value=float("nan"))  # refused by the API; skipped
+        + line(kind="param", key="lr", value="0.1")
+        + '{"kind": "metric", "key": "loss", "val'  # being written
+    )
+    series, params, _ = logged(paths)
+    assert series["loss"].values == [2.0] and params == {"lr": "0.1"}
+    with open(paths.tracking, "a") as f:
+        f.write('ue": 1.0, "step": 5, "time": 2.0, "rank": 0}\n')
+    series, _, _ = logged(paths)
+    assert (series["loss"].steps, series["loss"].values) == ([0, 5], [2.0, 1.0])
+    assert (series["loss"].last, series["loss"].min, series["loss"].max) == (1.0, 1.0, 2.0)
+    # A Ray node's copy adds its ranks; rank 0 still wins for "loss".
+    paths.node_tracking(0).write_text(line(kind="metric", key="acc", value=0.5, rank=2))
+    series, _, _ = logged(paths)
+    assert series.keys() == {"loss", "acc"} and series["acc"].steps == [0]
+    paths.tracking.unlink()  # replaced: read from the start
+    paths.tracking.write_text(line(kind="metric", key="loss", value=9.0, step=1))
+    assert logged(paths)[0]["loss"].values == [9.0]

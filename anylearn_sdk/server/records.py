@@ -90,6 +90,7 @@ class _TrackingFiles:
         self._files: OrderedDict[str, _Parsed] = OrderedDict()
 
     def read(self, path: Path) -> _Parsed:
+        """What ``path`` says now: a copy, which later reads of the same file leave as is."""
         key = str(path)
         with self._lock:
             parsed = self._files.pop(key, None) or _Parsed()
@@ -99,7 +100,13 @@ class _TrackingFiles:
                 self._files[key] = parsed
                 while len(self._files) > self.SIZE:
                     self._files.popitem(last=False)
-            return parsed
+            return _Parsed(
+                points={
+                    k: {r: list(p) for r, p in ranks.items()} for k, ranks in parsed.points.items()
+                },
+                params=dict(parsed.params),
+                tags=dict(parsed.tags),
+            )
 
 
 def _read_on(path: Path, parsed: _Parsed) -> _Parsed:
@@ -198,43 +205,79 @@ def logged(paths: TaskPaths) -> tuple[dict[str, MetricSeries], dict[str, str], d
 
 
 # TensorBoard ------------------------------------------------------------------------------
+class _Accumulators:
+    """One TensorBoard ``EventAccumulator`` per folder, kept so that each read loads only
+    the events written since the last (``Reload`` goes on from where it stopped)."""
+
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: OrderedDict[str, Any] = OrderedDict()
+
+    def scalars(self, folder: Path) -> dict[str, list[tuple[int, float, float]]]:
+        """Points ``(step, time, value)`` by tag, of the event files in ``folder``."""
+        from tensorboard.backend.event_processing import event_accumulator
+        from tensorboard.util import tensor_util
+
+        key = str(folder)
+        with self._lock:
+            acc = self._folders.pop(key, None)
+            if acc is None:
+                acc = event_accumulator.EventAccumulator(
+                    key,
+                    size_guidance={event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0},
+                )
+            self._folders[key] = acc
+            while len(self._folders) > self.SIZE:
+                self._folders.popitem(last=False)
+            acc.Reload()
+            tags = acc.Tags()
+            out = {
+                tag: [(e.step, e.wall_time, float(e.value)) for e in acc.Scalars(tag)]
+                for tag in tags.get("scalars", [])
+            }
+            for tag in tags.get("tensors", []):  # tf.summary.scalar in TensorFlow 2
+                points = []
+                for e in acc.Tensors(tag):
+                    value = tensor_util.make_ndarray(e.tensor_proto)
+                    if value.size == 1:
+                        points.append((e.step, e.wall_time, float(value.reshape(-1)[0])))
+                if points:
+                    out[tag] = points
+            return out
+
+    def forget(self, folder: Path) -> None:
+        with self._lock:
+            self._folders.pop(str(folder), None)
+
+
+_accumulators = _Accumulators()
+
+
 def tensorboard_series(output: Path) -> dict[str, MetricSeries]:
     """Scalars of the TensorBoard event files under ``output``, by tag; with event files in
     several folders, each tag is prefixed by its folder (relative to ``output``). Empty if
-    there are none, or if TensorBoard is not installed (logged once)."""
+    there are none, or if TensorBoard is not installed (logged)."""
     folders = sorted({p.parent for p in _event_files(output)})
     if not folders:
         return {}
     try:
-        from tensorboard.backend.event_processing import event_accumulator
-        from tensorboard.util import tensor_util
+        import tensorboard  # noqa: F401 - only to know whether it is there
     except ImportError:
         log.warning("TensorBoard is not installed: event files under %s are not read", output)
         return {}
     out: dict[str, MetricSeries] = {}
     for folder in folders:
-        acc = event_accumulator.EventAccumulator(
-            str(folder),
-            size_guidance={event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0},
-        )
         try:
-            acc.Reload()
+            scalars = _accumulators.scalars(folder)
         except Exception:  # noqa: BLE001 - a corrupt or half-written file reads as nothing
             log.warning("cannot read TensorBoard events in %s", folder, exc_info=True)
+            _accumulators.forget(folder)
             continue
         prefix = "" if len(folders) == 1 else f"{folder.relative_to(output).as_posix()}/"
-        tags = acc.Tags()
-        for tag in tags.get("scalars", []):
-            points = [(e.step, e.wall_time, float(e.value)) for e in acc.Scalars(tag)]
+        for tag, points in scalars.items():
             out[prefix + tag] = _series(prefix + tag, "tensorboard", _finite(points))
-        for tag in tags.get("tensors", []):  # tf.summary.scalar in TensorFlow 2
-            points = []
-            for e in acc.Tensors(tag):
-                value = tensor_util.make_ndarray(e.tensor_proto)
-                if value.size == 1:
-                    points.append((e.step, e.wall_time, float(value.reshape(-1)[0])))
-            if points:
-                out[prefix + tag] = _series(prefix + tag, "tensorboard", _finite(points))
     return out
 
 
