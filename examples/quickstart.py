@@ -40,6 +40,11 @@ def main() -> int:
     results = task.download_results(HERE / "results" / task.id)
     metrics = json.loads((results / "metrics.json").read_text())
     print(f"results in {results}: accuracy {metrics['accuracy']:.3f}")
+    loss = task.record().results.metrics["loss"]
+    print(
+        f"loss over {len(loss.values)} epochs: {loss.max:.3f} to {loss.last:.3f}; "
+        f"draw it with: anylearn tasks metrics {task.id}"
+    )
     return 0
 
 
