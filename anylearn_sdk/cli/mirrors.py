@@ -18,11 +18,15 @@ def mirrors() -> None:
     """Runtime environments (Python interpreters) tasks run with."""
 
 
-@mirrors.command("add")
-@click.argument("name")
-@click.option(
+#: ``--python PATH`` of ``mirrors add`` and ``mirrors set``.
+python_option = click.option(
     "--python", "python", required=True, help="Absolute path of the interpreter on the server."
 )
+
+
+@mirrors.command("add")
+@click.argument("name")
+@python_option
 def add(name: str, python: str) -> None:
     """Add a mirror (admin only)."""
     mirror = add_mirror(name, python)
@@ -31,9 +35,7 @@ def add(name: str, python: str) -> None:
 
 @mirrors.command("set")
 @click.argument("name")
-@click.option(
-    "--python", "python", required=True, help="Absolute path of the interpreter on the server."
-)
+@python_option
 def set_(name: str, python: str) -> None:
     """Point a mirror at another interpreter (admin only); tasks started afterwards use it."""
     mirror = set_mirror(name, python)
