@@ -20,6 +20,7 @@ from anylearn_sdk.cli.mirrors import mirrors
 from anylearn_sdk.cli.quota import quota
 from anylearn_sdk.cli.server import server
 from anylearn_sdk.cli.tasks import tasks
+from anylearn_sdk.cli.ui import ui
 from anylearn_sdk.datadir import AlreadyRunningError
 from anylearn_sdk.errors import AnylearnError
 
@@ -87,5 +88,5 @@ def cli(debug: bool) -> None:
     """Send training jobs to an anylearn backend and follow them."""
 
 
-for _command in (login, tasks, server, mirrors, datasets, models, quota, users, tokens):
+for _command in (login, tasks, server, mirrors, datasets, models, quota, users, tokens, ui):
     cli.add_command(_command)

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anylearn_sdk._version import __version__
 from anylearn_sdk.datadir import SERVER_ID_FILE
+from anylearn_sdk.server import web
 from anylearn_sdk.server.api import accounts, algorithms, resources, runtime, tasks, uploads
 from anylearn_sdk.server.api.accounts import issue_task_token
 from anylearn_sdk.server.api.runtime import DEFAULT_QUOTA_GROUP
@@ -38,6 +39,7 @@ from anylearn_sdk.server.executors.base import Executor
 from anylearn_sdk.server.executors.local import LocalExecutor, detect_gpus
 from anylearn_sdk.server.objects import ObjectStore
 from anylearn_sdk.server.scheduler import DEFAULT_MAX_RESTARTS, Scheduler
+from anylearn_sdk.server.web import SecurityHeaders
 from anylearn_sdk.server.workspace import Workspace
 from anylearn_sdk.states import ErrorCode
 from anylearn_sdk.wire import API_PREFIX, TUS_VERSION, Health
@@ -270,6 +272,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     ):
         api.include_router(module_router)
     app.include_router(api)
+    web.mount(app)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(ServerTiming)
     return app
 

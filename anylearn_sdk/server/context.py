@@ -118,7 +118,13 @@ async def current_user(request: Request, session: Annotated[Session, Depends(get
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "missing bearer token")
-    row = session.scalar(select(Token).where(Token.token_sha256 == hash_token(token.strip())))
+    return user_for_token(session, token.strip(), request)
+
+
+def user_for_token(session: Session, token: str, request: Request) -> User:
+    """The user of ``token`` (an API token, a task's, or a web session's), or ApiError 401
+    (403 for a task's token outside its scope)."""
+    row = session.scalar(select(Token).where(Token.token_sha256 == hash_token(token)))
     if row is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "invalid or revoked token")
     if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():

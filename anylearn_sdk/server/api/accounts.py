@@ -112,14 +112,21 @@ def revoke_task_tokens(session: Session, task_id: str) -> None:
     session.execute(delete(Token).where(Token.task_id == task_id))
 
 
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    """The user whose password this is, or None. An unknown username costs a hash check as
+    well, so timing does not tell which usernames exist."""
+    user = session.scalar(select(User).where(User.username == username))
+    try:
+        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+    except VerificationError:
+        return None
+    return user
+
+
 @router.post("/auth/login", tags=["auth"], response_model=LoginResult)
 def login(body: LoginBody, session: DB) -> LoginResult:
     """Exchange a username and password for a new bearer token."""
-    user = session.scalar(select(User).where(User.username == body.username))
-    try:
-        _hasher.verify(user.password_hash if user else _DUMMY_HASH, body.password)
-    except VerificationError:
-        user = None
+    user = authenticate(session, body.username, body.password)
     if user is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "wrong username or password")
     secret, _ = issue_token(session, user, LOGIN_TOKEN_NAME)

@@ -50,7 +50,7 @@ def mirror_record(m: Mirror) -> MirrorRecord:
 
 
 def quota_group_record(g: QuotaGroup, usage: dict | None = None) -> QuotaGroupRecord:
-    """A group; with ``usage`` (from :func:`_usage`), also what its tasks hold now."""
+    """A group; with ``usage`` (from :func:`group_usage`), also what its tasks hold now."""
     return QuotaGroupRecord(
         id=g.id,
         name=g.name,
@@ -60,7 +60,7 @@ def quota_group_record(g: QuotaGroup, usage: dict | None = None) -> QuotaGroupRe
     )
 
 
-def _usage(session: Session) -> dict[str, dict]:
+def group_usage(session: Session) -> dict[str, dict]:
     usage: dict[str, dict] = defaultdict(
         lambda: {"allocated": dict.fromkeys(RESOURCE_KEYS, 0), "running": 0, "queued": 0}
     )
@@ -149,7 +149,7 @@ def list_quota_groups(
     query = select(QuotaGroup).where(QuotaGroup.deleted.is_(False)).order_by(QuotaGroup.created_at)
     if name is not None:
         query = query.where(QuotaGroup.name == name)
-    usage = _usage(session)
+    usage = group_usage(session)
     return [quota_group_record(g, usage[g.id]) for g in session.scalars(query)]
 
 
@@ -201,7 +201,7 @@ def set_quota_group(
     group.default_request = default_request.model_dump()
     session.commit()
     ctx.scheduler.wake()
-    return quota_group_record(group, _usage(session)[group.id])
+    return quota_group_record(group, group_usage(session)[group.id])
 
 
 @router.delete("/quota-groups/{name}", status_code=204, tags=["quota groups"])
@@ -211,7 +211,7 @@ def remove_quota_group(name: str, _admin: AdminUser, session: DB) -> Response:
     group = _group_by_name(session, name)
     if group.name == DEFAULT_QUOTA_GROUP:
         raise conflict(f"the {DEFAULT_QUOTA_GROUP!r} quota group cannot be removed")
-    usage = _usage(session).get(group.id)
+    usage = group_usage(session).get(group.id)
     if usage and (usage["running"] or usage["queued"]):
         raise conflict(
             f"quota group {name!r} has {usage['running']} running and {usage['queued']} "

@@ -375,6 +375,18 @@ def delete_task(task_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Respo
     return Response(status_code=204)
 
 
+def log_chunk(path: Path, offset: int) -> bytes:
+    """Up to :data:`LOG_CHUNK_BYTES` of the log at ``path`` from byte ``offset`` (b"" past
+    its end or when there is no log yet)."""
+    try:
+        with open(path, "rb") as f:
+            if offset < os.fstat(f.fileno()).st_size:
+                return os.pread(f.fileno(), LOG_CHUNK_BYTES, offset)
+    except FileNotFoundError:
+        pass
+    return b""
+
+
 @router.get(
     "/{task_id}/logs",
     response_class=Response,
@@ -395,14 +407,7 @@ def task_logs(
     """
     task = owned_task(session, user, task_id)
     state = task.state
-    path = TaskPaths.of(ctx.paths.tasks, task).log
-    data = b""
-    try:
-        with open(path, "rb") as f:
-            if offset < os.fstat(f.fileno()).st_size:
-                data = os.pread(f.fileno(), LOG_CHUNK_BYTES, offset)
-    except FileNotFoundError:
-        pass
+    data = log_chunk(TaskPaths.of(ctx.paths.tasks, task).log, offset)
     return Response(
         content=data,
         media_type="application/octet-stream",
