@@ -397,7 +397,10 @@ def task_file(task_id: str, path: str, user: WebUser, session: DB, ctx: Ctx) -> 
     """One output file (a regular file inside the output folder; no link is followed)."""
     task = visible_task(session, user, task_id)
     output = TaskPaths.of(ctx.paths.tasks, task).output
-    target = output / path
+    relative = Path(path)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise PageError(404, f"output file {path!r} not found")
+    target = output / relative
     try:
         inside = target.resolve(strict=True).is_relative_to(output.resolve(strict=True))
     except (OSError, RuntimeError):
