@@ -276,3 +276,37 @@ def test_forms_refuse_other_sites_and_stale_sessions(user, backend, tmp_path, qu
         f"{backend.url}/signin", data={"token": user.token}, allow_redirects=False, timeout=30
     )
     assert with_token.status_code == 303 and user.token not in with_token.headers["set-cookie"]
+
+
+def test_the_page_follows_the_log_through_a_backend_restart(browser, tmp_path):
+    import json
+
+    from tests.conftest import admin_token, start_server
+
+    data_dir = tmp_path / "server"
+    server, url = start_server(data_dir)
+    try:
+        init_sdk(url, token=admin_token(data_dir))
+        password = json.loads((data_dir / "admin-credentials.json").read_text())["password"]
+        task = quick_train(
+            algorithm_dir=_algo(tmp_path), entrypoint="python train.py", progress=False
+        )[0]
+        context = browser.new_context()
+        page = context.new_page()
+        _sign_in(page, url, "admin", password)
+        page.goto(f"{url}/tasks/{task.id}")
+        expect(page.locator("#log")).to_contain_text("tick 5")
+        page.evaluate("window.stillTheSamePage = true")
+        server.kill()  # the page's reads fail from now on
+        server.wait()
+        server, _ = start_server(data_dir, port=int(url.rsplit(":", 1)[1]))
+        expect(page.locator("#log")).to_contain_text("tick 40")
+        log = page.inner_text("#log")
+        assert all(log.count(f"tick {i}\n") == 1 for i in range(40)), log  # each line once
+        assert page.evaluate("window.stillTheSamePage")
+        task.cancel()
+        expect(page.locator("#state")).to_have_text("CANCELLED")
+        context.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
