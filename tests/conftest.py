@@ -48,7 +48,9 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     """With ``--database postgresql``, run the tests of the API: those that start a backend
     (the ``backend`` fixture, :func:`start_server`) or ask for a PostgreSQL server. The
-    others talk to no database the option could change."""
+    others talk to no database the option could change; nor do those marked
+    ``not_database`` (a backend only hosts what they test, such as ranks or an environment
+    build), which are left out to keep CI's second pass short."""
     if config.getoption("--database") != "postgresql":
         return
     keep, skipped = [], []
@@ -58,6 +60,7 @@ def pytest_collection_modifyitems(config, items):
         wanted = set(inspect.signature(function).parameters) if function else set()
         asks = bool({"database", "postgres"} & wanted)
         uses = asks or "backend" in getattr(item, "fixturenames", ())  # ``database`` is autouse
+        uses = uses and item.get_closest_marker("not_database") is None
         (keep if uses or "start_server(" in source else skipped).append(item)
     config.hook.pytest_deselected(items=skipped)
     items[:] = keep

@@ -193,6 +193,7 @@ def test_gpus_are_assigned_by_index(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.not_database  # ranks and a torch environment; 40 s that PostgreSQL changes nothing of
 def test_distributed_example_all_reduce_on_four_ranks(user, quota_group):
     """examples/distributed on 2 nodes x 2 processes; its torch environment is built once."""
     common = dict(
