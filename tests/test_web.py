@@ -310,3 +310,32 @@ def test_the_page_follows_the_log_through_a_backend_restart(browser, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_admin_sees_every_users_things_and_is_told_so(user, backend, tmp_path, quota_group):
+    task = quick_train(
+        algorithm_dir=_algo(tmp_path, "print('hi')\n"),
+        dataset_dir=_data(tmp_path),
+        entrypoint="python train.py",
+        quota_group_name=quota_group,
+        progress=False,
+    )[0]
+    task.wait(timeout=60, poll_interval=0.2)
+    admin = requests.Session()
+    admin.post(f"{backend.url}/signin", data={"token": backend.admin_token}, timeout=30)
+    listed = admin.get(f"{backend.url}/tasks", params={"q": task.id}, timeout=30).text
+    assert task.id in listed and "admin: all users" in listed and user.username in listed
+    assert admin.get(f"{backend.url}/tasks/{task.id}", timeout=30).status_code == 200
+    assert f"owned by {user.username}" in admin.get(f"{backend.url}/tasks/{task.id}").text
+    assert user.username in admin.get(f"{backend.url}/datasets", timeout=30).text
+    mine = requests.Session()
+    mine.post(f"{backend.url}/signin", data={"token": user.token}, timeout=30)
+    page = mine.get(f"{backend.url}/tasks", timeout=30).text
+    assert "admin: all users" not in page and "<th>owner</th>" not in page
+
+
+def _data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("x\n1\n")
+    return data

@@ -299,10 +299,7 @@ def _rows(session: Session, ctx: ServerContext, user: User, state: str, q: str, 
         .offset((page - 1) * PAGE_SIZE)
         .limit(PAGE_SIZE)
     ).all()
-    owners: dict[str, str] = {}
-    if user.is_admin:
-        ids = {task.owner_id for task, _ in found}
-        owners = dict(session.execute(select(User.id, User.username).where(User.id.in_(ids))).all())
+    owners = _owners(session, {task.owner_id for task, _ in found}) if user.is_admin else {}
     rows = []
     for task, group in found:
         started = task.started_at is not None
@@ -488,7 +485,15 @@ def _resources(request: Request, user: User, session: Session, kind: str, regist
     if not user.is_admin:
         query = query.where(Resource.owner_id == user.id)
     rows = session.scalars(query.order_by(Resource.created_at.desc()).limit(1000)).all()
-    return render(request, "resources.html", user, kind=kind, rows=rows, registered=registered)
+    owners = _owners(session, {r.owner_id for r in rows}) if user.is_admin else {}
+    return render(
+        request, "resources.html", user, kind=kind, rows=rows, owners=owners, registered=registered
+    )
+
+
+def _owners(session: Session, ids: set[str]) -> dict[str, str]:
+    """Usernames by user id, for the owner column an admin sees."""
+    return dict(session.execute(select(User.id, User.username).where(User.id.in_(ids))).all())
 
 
 @router.get("/quota", response_class=HTMLResponse)
