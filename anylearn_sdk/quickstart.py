@@ -304,6 +304,7 @@ def quick_train(
     From the moment the code and inputs are pinned (a commit, checksums) until the task
     exists, the call is kept in the local store, so a process that dies in between (during
     an upload, say) leaves a call that :func:`resume_unfinished_local_train_tasks` finishes.
+    Ctrl-C, an error that would recur, or the same call made again forgets it.
     """
     arguments = _json_arguments(locals())
     # 1. Local checks: nothing touches the network or the disk yet.
@@ -428,6 +429,8 @@ def quick_train(
         ctx.store.drop_call(ctx.server_id, call_id)  # running it again would fail the same way
         raise
     except KeyboardInterrupt:
+        # The user stopped it and will run it again (the message says so): not to be resumed.
+        ctx.store.drop_call(ctx.server_id, call_id)
         report.message(INTERRUPTED_MESSAGE)
         raise
 

@@ -367,15 +367,21 @@ class LocalStore:
         """Remember a ``quick_train`` call on ``server`` that has not created its task yet:
         its ``arguments``, the ``identity`` of its code and inputs (commit, checksums) when it
         was made, and this process's pid (a call whose process lives is left to it).
-        :meth:`record_task` with the same ``call_id`` forgets it."""
+        :meth:`record_task` with the same ``call_id`` forgets it, and so does a later call
+        with the same arguments (it supersedes this one)."""
+        encoded = json.dumps(arguments)
         with self._write():
+            # A call made again with the same arguments supersedes the one that died.
+            self.db.execute(
+                "delete from pending_calls where server = ? and arguments = ?", [server, encoded]
+            )
             self.db["pending_calls"].upsert(
                 {
                     "server": server,
                     "call_id": call_id,
                     "host": host,
                     "username": username or "",
-                    "arguments": json.dumps(arguments),
+                    "arguments": encoded,
                     "identity": json.dumps(identity),
                     "pid": os.getpid(),
                     "created_at": time.time(),

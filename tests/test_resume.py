@@ -199,7 +199,12 @@ def _new_data(root: Path) -> Path:
 def test_a_call_that_died_before_its_task_existed_is_finished_by_resume(
     user, tmp_path, algorithm_repo, caplog
 ):
-    from anylearn_sdk import TaskState, list_train_tasks, resume_unfinished_local_train_tasks
+    from anylearn_sdk import (
+        TaskState,
+        list_train_tasks,
+        quick_train,
+        resume_unfinished_local_train_tasks,
+    )
 
     store = get_context().store
     _dying_call(algorithm_repo, _new_data(tmp_path / "d1"))
@@ -210,6 +215,17 @@ def test_a_call_that_died_before_its_task_existed_is_finished_by_resume(
     assert [t.id for t in list_train_tasks()] == [task.id]
     assert store.pending_calls() == [] and resume_unfinished_local_train_tasks() == []
 
+    # The same call made again by hand supersedes the dead one: resume makes no second task.
+    again = _new_data(tmp_path / "d0")
+    _dying_call(algorithm_repo, again)
+    rerun = quick_train(
+        algorithm_dir=algorithm_repo, dataset_dir=again, entrypoint="python train.py",
+        hyperparams={"note": "resumed"}, resource_polling=0.2, progress=False,
+    )[0]  # fmt: skip
+    assert store.pending_calls() == []
+    assert rerun.wait(timeout=60, poll_interval=0.2) == TaskState.SUCCEEDED
+    assert resume_unfinished_local_train_tasks() == [] and len(list_train_tasks()) == 2
+
     # Inputs changed since: refused, naming the folder and both checksums; forgotten.
     data = _new_data(tmp_path / "d2")
     _dying_call(algorithm_repo, data)
@@ -217,7 +233,7 @@ def test_a_call_that_died_before_its_task_existed_is_finished_by_resume(
     with caplog.at_level("WARNING", logger="anylearn_sdk"):
         assert resume_unfinished_local_train_tasks() == []
     assert f"dataset_dir '{data}' now has checksum" in caplog.text, caplog.text
-    assert store.pending_calls() == [] and len(list_train_tasks()) == 1
+    assert store.pending_calls() == [] and len(list_train_tasks()) == 2
 
     # Code changed since: refused, naming the old and the new commit.
     _dying_call(algorithm_repo, _new_data(tmp_path / "d3"))
@@ -231,4 +247,4 @@ def test_a_call_that_died_before_its_task_existed_is_finished_by_resume(
         assert resume_unfinished_local_train_tasks() == []
     assert f"algorithm_dir '{algorithm_repo}' is now commit" in caplog.text
     assert f"not {before[:12]}" in caplog.text and store.pending_calls() == []
-    assert len(list_train_tasks()) == 1
+    assert len(list_train_tasks()) == 2

@@ -288,12 +288,27 @@ def _read_lines(path: Path, offset: int) -> tuple[bytes, int]:
 
 
 def pack_folder(folder: Path) -> bytes:
-    """``folder`` as an uncompressed tar, members relative to it (empty if it is missing)."""
+    """``folder`` as an uncompressed tar, members relative to it (empty if it is missing).
+
+    The ranks may be writing while it is packed (a periodic output sync): each regular file
+    is read whole first and stored as read, so a file rewritten meanwhile is a consistent
+    snapshot, never a member whose header promises more bytes than follow. A file that
+    vanished meanwhile is left out (the next sync has it, or its absence)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         if folder.is_dir():
             for item in sorted(folder.rglob("*")):
-                tar.add(item, arcname=str(item.relative_to(folder)), recursive=False)
+                name = str(item.relative_to(folder))
+                try:
+                    info = tar.gettarinfo(str(item), arcname=name)
+                    if not info.isreg():
+                        tar.addfile(info)
+                        continue
+                    data = item.read_bytes()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 

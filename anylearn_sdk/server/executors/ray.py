@@ -440,6 +440,9 @@ class RayExecutor:
             archive = ray.get(agent.output_archive.remote(), timeout=CALL_TIMEOUT)
         except (RayActorError, ray.exceptions.GetTimeoutError):
             return
+        except RayTaskError as err:  # a copy that failed is not a lost attempt
+            paths.note(f"copying node 0's output back failed: {_cause(err)}")
+            return
         unpack_into(archive, paths.output)
 
     def _stop(self, agents: list) -> None:
