@@ -25,6 +25,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -100,19 +102,35 @@ def reference_ms(data_dir: Path, limit: int) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=1000)
-    parser.add_argument("--refreshes", type=int, default=30)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="anylearn-bench-watch-"))
+@contextmanager
+def bench_backend(prefix: str, count: int) -> Iterator[tuple[str, str, Path]]:
+    """A backend of its own in a temporary folder, holding ``count`` tasks (see
+    :func:`create_tasks`), the SDK connected as its admin: yields (url, admin token, work
+    folder). The folder is removed afterwards unless ``ANYLEARN_BENCH_KEEP`` is set."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["ANYLEARN_HOME"] = str(work / "home")
     server, url, token = start_server(work / "data")
     try:
         init_sdk(url, token=token)
         started = time.perf_counter()
-        create_tasks(url, token, args.tasks, work)
-        print(f"created {args.tasks} tasks in {time.perf_counter() - started:.1f} s")
+        create_tasks(url, token, count, work)
+        print(f"created {count} tasks in {time.perf_counter() - started:.1f} s")
+        yield url, token, work
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if not os.environ.get("ANYLEARN_BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--refreshes", type=int, default=30)
+    args = parser.parse_args()
+    with bench_backend("anylearn-bench-watch-", args.tasks) as (_url, _token, work):
         session = get_context().api.session
         timings: list[float] = []  # Server-Timing of every response, in ms
         session.hooks["response"].append(
@@ -150,13 +168,6 @@ def main() -> int:
         )
         ok = requests_per_refresh == [1] * args.refreshes and p95(server_ms) < TARGET_MS
         return 0 if ok else 1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        if not os.environ.get("ANYLEARN_BENCH_KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
 
 
 if __name__ == "__main__":

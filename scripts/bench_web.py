@@ -15,18 +15,12 @@ the SQLite file with the standard library, plus the last line of each log.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import requests
-from bench_watch import create_tasks, reference_ms, start_server
-
-from anylearn_sdk import init_sdk
+from bench_watch import bench_backend, reference_ms
 
 TARGET_MS = 200.0
 PAGE_ROWS = 50
@@ -42,14 +36,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--loads", type=int, default=30)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="anylearn-bench-web-"))
-    os.environ["ANYLEARN_HOME"] = str(work / "home")
-    server, url, token = start_server(work / "data")
-    try:
-        init_sdk(url, token=token)
-        started = time.perf_counter()
-        create_tasks(url, token, args.tasks, work)
-        print(f"created {args.tasks} tasks in {time.perf_counter() - started:.1f} s")
+    with bench_backend("anylearn-bench-web-", args.tasks) as (url, token, work):
         with requests.Session() as web:
             web.post(f"{url}/signin", data={"token": token}, timeout=30).raise_for_status()
             page, rows, reference = [], [], []
@@ -59,28 +46,24 @@ def main() -> int:
                 rows.append(server_ms(web.get(f"{url}/tasks/rows", timeout=30)))
                 reference.append(reference_ms(work / "data", PAGE_ROWS))
                 time.sleep(0.05)
-        shown = response.text.count('<tr class="state-')
-        print(f"the first page lists {shown} of {args.tasks} tasks")
+    shown = response.text.count('<tr class="state-')
+    print(f"the first page lists {shown} of {args.tasks} tasks")
 
-        def p95(values: list[float]) -> float:
-            return sorted(values)[max(0, int(len(values) * 0.95) - 1)]
+    def p95(values: list[float]) -> float:
+        return sorted(values)[max(0, int(len(values) * 0.95) - 1)]
 
-        median, ref = statistics.median(page), statistics.median(reference)
-        verdict = "OK" if p95(page) < TARGET_MS else "MISSED"
-        print(
-            f"/tasks server time: median {median:.1f} ms, p95 {p95(page):.1f} ms "
-            f"(target < {TARGET_MS:.0f} ms) {verdict}"
-        )
-        print(f"/tasks/rows (the 2 s refresh): median {statistics.median(rows):.1f} ms")
-        print(
-            f"reference (sqlite3 + log tails, same {PAGE_ROWS} rows): median {ref:.1f} ms; "
-            f"page / reference = {median / ref:.2f}"
-        )
-        return 0 if verdict == "OK" and shown == PAGE_ROWS else 1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+    median, ref = statistics.median(page), statistics.median(reference)
+    verdict = "OK" if p95(page) < TARGET_MS else "MISSED"
+    print(
+        f"/tasks server time: median {median:.1f} ms, p95 {p95(page):.1f} ms "
+        f"(target < {TARGET_MS:.0f} ms) {verdict}"
+    )
+    print(f"/tasks/rows (the 2 s refresh): median {statistics.median(rows):.1f} ms")
+    print(
+        f"reference (sqlite3 + log tails, same {PAGE_ROWS} rows): median {ref:.1f} ms; "
+        f"page / reference = {median / ref:.2f}"
+    )
+    return 0 if verdict == "OK" and shown == PAGE_ROWS else 1
 
 
 if __name__ == "__main__":

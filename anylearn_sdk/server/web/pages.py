@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -317,35 +318,32 @@ def _rows(session: Session, ctx: ServerContext, user: User, state: str, q: str, 
     return rows, page, pages, total
 
 
+@dataclass(frozen=True)
+class TaskFilter:
+    """The task list's query: a state (or every state), text in the name, id or entrypoint,
+    and the page (1 is the newest)."""
+
+    state: str = Query(default="", max_length=20)
+    q: str = Query(default="", max_length=200)
+    page: int = Query(default=1, ge=1, le=10**6)
+
+
+Filter = Annotated[TaskFilter, Depends()]
+
+
 @router.get("/tasks", response_class=HTMLResponse)
-def tasks_page(
-    request: Request,
-    user: WebUser,
-    session: DB,
-    ctx: Ctx,
-    state: str = Query(default="", max_length=20),
-    q: str = Query(default="", max_length=200),
-    page: int = Query(default=1, ge=1, le=10**6),
-) -> HTMLResponse:
-    rows, page, pages, total = _rows(session, ctx, user, _state(state), q, page)
+def tasks_page(request: Request, user: WebUser, session: DB, ctx: Ctx, f: Filter) -> HTMLResponse:
+    rows, page, pages, total = _rows(session, ctx, user, _state(f.state), f.q, f.page)
     return render(
-        request, "tasks.html", user, rows=rows, state=state, q=q, page=page, pages=pages,
+        request, "tasks.html", user, rows=rows, state=f.state, q=f.q, page=page, pages=pages,
         total=total, states=[s.value for s in TaskState],
     )  # fmt: skip
 
 
 @router.get("/tasks/rows", response_class=HTMLResponse)
-def task_rows(
-    request: Request,
-    user: WebUser,
-    session: DB,
-    ctx: Ctx,
-    state: str = Query(default="", max_length=20),
-    q: str = Query(default="", max_length=200),
-    page: int = Query(default=1, ge=1, le=10**6),
-) -> HTMLResponse:
+def task_rows(request: Request, user: WebUser, session: DB, ctx: Ctx, f: Filter) -> HTMLResponse:
     """The task table's body, for htmx to swap in every few seconds."""
-    rows, *_ = _rows(session, ctx, user, _state(state), q, page)
+    rows, *_ = _rows(session, ctx, user, _state(f.state), f.q, f.page)
     return render(request, "_task_rows.html", user, rows=rows)
 
 
