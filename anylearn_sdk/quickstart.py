@@ -99,7 +99,7 @@ def _json_arguments(given: dict[str, Any]) -> dict[str, Any]:
     for name, value in given.items():
         if name in ("progress", "_resume"):
             continue
-        if name in PATH_ARGUMENTS and value is not None:
+        if name in PATH_ARGUMENTS and isinstance(value, str | os.PathLike):
             value = str(Path(value).expanduser().resolve())  # the call may resume elsewhere
         elif isinstance(value, Mapping):
             value = dict(value)
