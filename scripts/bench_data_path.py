@@ -10,10 +10,15 @@ random loopback port, and prints each figure as a ratio to its reference:
 - cold hashing (empty hash cache, warm page cache) vs. 2 x hashlib's single-core sha256 rate,
   on the hashing phase (the whole build with the walk is printed for information);
 - upload of the large files vs. ``curl -T`` of the same bytes to the same server;
-- upload of the small files vs. ``tar -cf`` of them (packing reference, for information).
+- upload of the small files vs. ``tar -cf`` of them (packing reference, for information), and
+  call to READY vs. ``rsync -a`` + ``sync`` of them to a fresh folder, with each phase's times
+  and how long READY followed the last acknowledged byte;
+- one changed small file: call to READY, against twice the unchanged resubmit plus the file's
+  upload.
 
 Usage: python scripts/bench_data_path.py [--large-count 10 --large-mib 100 --small-count 20000
---small-kib 50] [--workdir DIR]. Needs curl and tar on PATH. Exit code 1 if a target is missed.
+--small-kib 50] [--workdir DIR]. Needs curl, tar and rsync on PATH. Exit code 1 if a target
+is missed.
 """
 
 from __future__ import annotations
@@ -109,6 +114,18 @@ def tar_to_pipe(root: Path) -> None:
     while proc.stdout.read(8 * ONE_MIB):
         pass
     proc.wait()
+
+
+def rsync_and_sync(root: Path, dest: Path) -> float:
+    """Seconds of ``rsync -a`` of ``root`` to the fresh folder ``dest`` plus ``sync``: the
+    same files written and flushed by a local copy (the reference of issue 14)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run(["rsync", "-a", f"{root}/", f"{dest}/"], check=True)
+    os.sync()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dest, ignore_errors=True)
+    return seconds
 
 
 def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, str]:
@@ -225,6 +242,15 @@ class PhaseClock:
         start, end = self.spans[word]
         return end - start
 
+    def print_phases(self, origin: float, total: float) -> None:
+        """Each phase's start and end, in seconds from ``origin``, and what no phase covers
+        (waiting on the server's answers, polling), so a regression shows where it is."""
+        covered = 0.0
+        for word, (start, end) in sorted(self.spans.items(), key=lambda item: item[1][0]):
+            covered += end - start
+            print(f"  phase {word:<10} {start - origin:7.2f} s to {end - origin:7.2f} s")
+        print(f"  outside any phase: {max(0.0, total - covered):.2f} s of {total:.2f} s")
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -234,7 +260,7 @@ def main() -> int:
     parser.add_argument("--small-kib", type=int, default=50)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    for tool in ("curl", "tar"):
+    for tool in ("curl", "tar", "rsync"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is needed on PATH")
     work = Path(tempfile.mkdtemp(prefix="anylearn-bench-", dir=args.workdir))
@@ -328,15 +354,36 @@ def main() -> int:
 
         # Upload of the small files vs tar -cf (packing reference).
         tar_seconds = best_of(1, lambda: tar_to_pipe(small))
+        rsync_seconds = rsync_and_sync(small, work / "rsync-copy")
         clock = PhaseClock()
         start = time.perf_counter()
         sync_dataset(small, progress=clock, resource_polling=0.2)
         seconds = time.perf_counter() - start
         print(f"reference: tar -cf of the small files {small_bytes / tar_seconds / 1e6:.0f} MB/s")
+        print(
+            f"reference: rsync -a + sync of the small files to a fresh folder "
+            f"{rsync_seconds:.2f} s ({small_bytes / rsync_seconds / 1e6:.0f} MB/s)"
+        )
         report(
             "upload, small files, end to end until READY",
             f"{small_bytes / seconds / 1e6:.0f} MB/s",
             tar_seconds / seconds,
+        )
+        report(
+            "cold small files, call to READY vs rsync + sync",
+            f"{seconds:.2f} s",
+            seconds / rsync_seconds,
+            "<= 1.5",
+            seconds / rsync_seconds <= 1.5,
+        )
+        clock.print_phases(start, seconds)
+        last_byte = clock.spans["uploading"][1] - start
+        report(
+            "  READY after the last byte was acknowledged",
+            f"{seconds - last_byte:.2f} s",
+            (seconds - last_byte) / 1.0,
+            "< 1 s",
+            seconds - last_byte < 1.0,
         )
 
         # Unchanged resubmit.
@@ -371,8 +418,28 @@ def main() -> int:
         changed = next(iter(sorted(small.rglob("*.bin"))))
         changed.write_bytes(os.urandom(small_size))
         before = api.sent_bytes
-        result = sync_dataset(small, progress=False, resource_polling=0.2)
+        clock = PhaseClock()
+        start = time.perf_counter()
+        result = sync_dataset(small, progress=clock, resource_polling=0.2)
+        one_changed = time.perf_counter() - start
         sent = api.sent_bytes - before
+        file_upload = clock.seconds("uploading") if "uploading" in clock.spans else 0.0
+        report(
+            "one changed file, call to READY",
+            f"{one_changed * 1000:.0f} ms",
+            one_changed / 0.5,
+            "< 0.5 s",
+            one_changed < 0.5,
+        )
+        budget = 2 * resubmit + file_upload
+        report(
+            "  vs 2 x unchanged resubmit + the file's upload",
+            f"{budget * 1000:.0f} ms",
+            one_changed / budget,
+            "<= 1",
+            one_changed <= budget,
+        )
+        clock.print_phases(start, one_changed)
         report(
             "one changed file: bytes sent (all requests)",
             f"{sent} B",
