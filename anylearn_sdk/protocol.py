@@ -10,6 +10,7 @@ Everything here is pure (no I/O) so both halves import it and can never disagree
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -198,16 +199,30 @@ def apply_delta(
 ) -> list[ManifestEntry]:
     """The manifest ``base`` with ``removed`` paths dropped and ``changes`` put in, by path.
 
+    ``base`` is trusted to be valid and ``changes`` to have passed :func:`validate_manifest`;
+    only what they make together is checked (a changed path that becomes a file and a folder),
+    so a delta of a few files costs a few checks, not one per entry.
+
     Raises:
-        ValueError: a removed path is not in ``base``.
+        ValueError: a removed path is not in ``base``, or a changed path is both a file and a
+            folder.
     """
     entries = {e.path: e for e in base}
     for path in removed:
         if entries.pop(path, None) is None:
             raise ValueError(f"removed path {path!r} is not in the base manifest")
+    changes = list(changes)
     for e in changes:
         entries[e.path] = e
-    return sorted(entries.values(), key=lambda e: e.path)
+    paths = sorted(entries)
+    for e in changes:  # the base had no conflicts: only the changed paths can make one
+        for parent in PurePosixPath(e.path).parents:
+            if str(parent) in entries:
+                raise ValueError(f"manifest path {str(parent)!r} is both a file and a folder")
+        below = bisect.bisect_left(paths, e.path + "/")
+        if below < len(paths) and paths[below].startswith(e.path + "/"):
+            raise ValueError(f"manifest path {e.path!r} is both a file and a folder")
+    return [entries[p] for p in paths]
 
 
 def pack_canonical(canonical: bytes) -> bytes:

@@ -141,6 +141,18 @@ class Resource(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class MissingObject(Base):
+    """An object a version still lacks: what its registration answered as ``missing``, less
+    what its uploads have stored since. A version is READY when it has no row here, so an
+    upload's bookkeeping is one batched delete and one count, not a check of every object of
+    the manifest (objects are never removed from the store, so a digest off this list stays
+    present)."""
+
+    __tablename__ = "resource_missing"
+    resource_id: Mapped[str] = mapped_column(ForeignKey("resources.id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class Upload(Base):
     """A tus 1.0 upload; its bytes are in ``uploads/<id>`` until verified and stored.
 

@@ -2,20 +2,29 @@
 
 An object exists in the store only after its bytes were hashed and the digest matched the name
 it was asked to have; the final ``os.replace`` makes that atomic, so a crash of the server never
-leaves a half object under a valid name. Against power loss, a large object is fsynced before
-its rename; the many small objects of a pack are flushed by one ``os.sync()`` after the pack
-(an fsync per 50 KiB file would cost more than receiving it).
+leaves a half object under a valid name. A temporary file lives next to its final name, in the
+same fan-out folder, under a name no object can have (a leading dot): one folder shared by
+every writer serialized them on its lock (measured: 20,000 files of 50 KiB on two threads took
+4x longer through one ``.tmp`` folder than in the fan-out folders), and a rename within a folder
+skips the filesystem's cross-folder rename lock.
+
+Against power loss, a large object is fsynced before its rename; the many small objects of a
+pack are flushed together by :meth:`ObjectStore.flush` (``syncfs`` of the store's filesystem)
+before the pack counts as stored: an fsync per 50 KiB file would cost more than receiving it,
+and ``sync()`` would flush every filesystem of the machine.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +36,24 @@ from anylearn_sdk.protocol import (
 )
 
 COPY_BLOCK_BYTES = 1024 * 1024
+TAR_BLOCK = tarfile.BLOCKSIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path`` to disk (``syncfs(2)``; ``sync()`` where the C
+    library lacks it)."""
+    call = getattr(_libc, "syncfs", None)
+    if call is None:  # pragma: no cover - glibc and musl have it
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if call(fd) != 0:  # pragma: no cover - only on I/O errors
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
 
 
 def hash_path(path: Path) -> str:
@@ -60,6 +87,14 @@ class ObjectStore:
     def has(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
+    def temp_for(self, sha256: str) -> Path:
+        """A temporary name beside object ``sha256``, unique to this process and thread."""
+        return self.root / sha256[:2] / f".{sha256[2:]}.{os.getpid()}.{threading.get_ident()}"
+
+    def flush(self) -> None:
+        """Make every object written so far durable (``syncfs`` of the store's filesystem)."""
+        syncfs(self.root)
+
     def missing(self, digests: Iterable[str]) -> list[str]:
         """The digests (deduplicated, sorted) that the store does not hold."""
         return sorted({d for d in digests if not self.has(d)})
@@ -67,8 +102,9 @@ class ObjectStore:
     def ingest(self, stream: BinaryIO, sha256: str, size: int) -> bool:
         """Store ``size`` bytes read from ``stream`` as object ``sha256``.
 
-        The bytes go to a temporary file created read-only (0o444) and named after the object
-        and the process and thread, which is renamed into place once its digest matched.
+        The bytes go to a temporary file created read-only (0o444) beside the object
+        (:meth:`temp_for`), which is renamed into place once its digest matched. Not flushed:
+        call :meth:`flush` once for a batch.
 
         Returns:
             True if a new object was written, False if it was already present (the stream is
@@ -81,7 +117,7 @@ class ObjectStore:
         digest = hashlib.sha256()
         written = 0
         present = target.is_file()
-        tmp_name = self.tmp / f"{sha256}.{os.getpid()}.{threading.get_ident()}"
+        tmp_name = self.temp_for(sha256)
         fd = -1 if present else os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         try:
             while block := stream.read(COPY_BLOCK_BYTES):
@@ -233,6 +269,126 @@ class ObjectStore:
             # Another thread laid out the same manifest first; its copy is as good.
             make_writable(staging)
             shutil.rmtree(staging)
+
+
+class PackReceiver:
+    """Verifies and stores the members of a pack (an uncompressed tar whose members are named
+    by their sha256) while its bytes arrive, so a pack is stored by the time its last byte is.
+
+    :meth:`feed` takes the pack's bytes in order, in pieces of any size. It reads plain ustar
+    headers only (what :mod:`anylearn_sdk.content.pack` writes); at anything else (a pax or
+    GNU extension header, a member the manifest does not list at that size, bytes that do not
+    hash to their name) it stops following the stream and records why in :attr:`gave_up`: the
+    complete pack is then read again from disk by the caller, which raises the proper error.
+    So a receiver only ever speeds things up; it never decides that a pack is bad.
+
+    Each member is written to a temporary file beside its object and renamed into place once
+    its digest matched (see :meth:`ObjectStore.ingest`); members already in the store are
+    hashed and not written. Nothing is flushed: the caller calls :meth:`ObjectStore.flush`.
+
+    Attributes:
+        offset: bytes of the pack consumed so far.
+        stored: sha256 digests of the members verified and in the store, in pack order.
+        finished: the end-of-archive marker was read.
+        gave_up: why the stream is no longer followed (None while it is).
+    """
+
+    def __init__(self, objects: ObjectStore, sizes: Mapping[str, int]):
+        self.objects = objects
+        self.sizes = sizes
+        self.offset = 0
+        self.stored: list[str] = []
+        self.finished = False
+        self.gave_up: str | None = None
+        self._header = bytearray()
+        self._name = ""
+        self._left = 0  # bytes of the current member still to come
+        self._pad = 0  # padding bytes still to skip after it
+        self._fd = -1
+        self._tmp: Path | None = None
+        self._digest = hashlib.sha256()
+
+    @property
+    def complete(self) -> bool:
+        """True if every member was stored and the archive ended properly."""
+        return self.finished and self.gave_up is None
+
+    def feed(self, data: bytes) -> None:
+        """Consume the next ``data`` bytes of the pack."""
+        view = memoryview(data)
+        self.offset += len(view)
+        while view and self.gave_up is None and not self.finished:
+            if self._left:
+                take = min(self._left, len(view))
+                self._member_bytes(view[:take])
+                view = view[take:]
+            elif self._pad:
+                take = min(self._pad, len(view))
+                self._pad -= take
+                view = view[take:]
+            else:
+                take = min(TAR_BLOCK - len(self._header), len(view))
+                self._header += view[:take]
+                view = view[take:]
+                if len(self._header) == TAR_BLOCK:
+                    self._start_member(bytes(self._header))
+                    self._header.clear()
+
+    def close(self) -> None:
+        """Drop a member left half-written (the stream stopped in its middle)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def _give_up(self, why: str) -> None:
+        self.gave_up = why
+        self.close()
+
+    def _start_member(self, block: bytes) -> None:
+        if block == bytes(TAR_BLOCK):
+            self.finished = True  # end of archive: two zero blocks, then padding
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as err:
+            self._give_up(f"bad tar header at {self.offset}: {err}")
+            return
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            self._give_up(f"member {info.name!r} is not a plain regular file")
+            return
+        if self.sizes.get(info.name) != info.size:
+            self._give_up(f"member {info.name!r} is not in the manifest at size {info.size}")
+            return
+        self._name, self._left, self._pad = info.name, info.size, -info.size % TAR_BLOCK
+        self._digest = hashlib.sha256()
+        if not self.objects.has(info.name):
+            self._tmp = self.objects.temp_for(info.name)
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        if info.size == 0:
+            self._end_member()
+
+    def _member_bytes(self, piece: memoryview) -> None:
+        self._digest.update(piece)
+        self._left -= len(piece)
+        while self._fd >= 0 and piece:
+            piece = piece[os.write(self._fd, piece) :]
+        if not self._left:
+            self._end_member()
+
+    def _end_member(self) -> None:
+        if self._digest.hexdigest() != self._name:
+            self._give_up(f"member {self._name} does not hash to its name")
+            return
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            assert self._tmp is not None
+            os.replace(self._tmp, self.objects.path_for(self._name))
+            self._tmp = None
+        self.stored.append(self._name)
 
 
 def make_writable(root: Path) -> None:

@@ -25,6 +25,7 @@ from anylearn_sdk.server.context import (
 )
 from anylearn_sdk.server.db import (
     Algorithm,
+    MissingObject,
     ObjectRef,
     Project,
     Resource,
@@ -180,6 +181,11 @@ def remove_user(username: str, admin: AdminUser, session: DB, ctx: Ctx) -> Respo
     alg_ids = session.scalars(select(Algorithm.id).where(Algorithm.owner_id == user.id)).all()
     upload_ids = session.scalars(select(Upload.id).where(Upload.owner_id == user.id)).all()
     resource_ids = session.scalars(select(Resource.id).where(Resource.owner_id == user.id)).all()
+    session.execute(
+        delete(MissingObject).where(
+            MissingObject.resource_id.in_(select(Resource.id).where(Resource.owner_id == user.id))
+        )
+    )
     for model in (Upload, ObjectRef, TrainTask, Resource, Algorithm, Project, Token):
         column = model.user_id if model is Token else model.owner_id
         session.execute(delete(model).where(column == user.id))

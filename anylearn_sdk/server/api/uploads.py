@@ -50,10 +50,10 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from anylearn_sdk.protocol import SHA256_HEX
-from anylearn_sdk.server.api.resources import add_refs, refresh_state
+from anylearn_sdk.server.api.resources import add_refs, objects_stored, ready_if_complete
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
 from anylearn_sdk.server.db import Resource, Upload, User, as_utc, utcnow
-from anylearn_sdk.server.objects import ObjectVerificationError
+from anylearn_sdk.server.objects import ObjectVerificationError, PackReceiver
 from anylearn_sdk.states import ErrorCode, ResourceState, UploadState
 from anylearn_sdk.wire import (
     API_PREFIX,
@@ -93,7 +93,14 @@ _locks: dict[str, asyncio.Lock] = {}
 #: upload id → (offset covered, running sha256) of ``object`` uploads, so a complete object
 #: is verified without reading it again. Lost on restart; the file is then hashed once.
 _object_hashers: dict[str, tuple[int, hashlib._Hash]] = {}
+#: upload id → the receiver storing a ``pack`` upload's members as they arrive. Lost on
+#: restart (or when a PATCH is cut back); the complete pack is then read again from disk.
+_pack_receivers: dict[str, PackReceiver] = {}
 _hashers_lock = threading.Lock()
+#: resource id → (sha256 → size) of its manifest, for the pack receivers of its uploads; a
+#: version's manifest never changes, so the few most recent are kept.
+_manifest_sizes: dict[str, dict[str, int]] = {}
+MANIFESTS_KEPT = 8
 
 
 def _tus_error(status: int, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ApiError:
@@ -344,20 +351,68 @@ def _parse_checksum(header: str | None) -> tuple[str, bytes] | None:
         raise _tus_error(400, "Upload-Checksum value is not base64") from err
 
 
-class _Sink:
-    """Appends one PATCH body to an upload's file on worker threads, hashing as it goes."""
+def manifest_sizes(ctx: ServerContext, resource_id: str) -> dict[str, int]:
+    """sha256 → size of every object of the version's manifest (cached, see above)."""
+    with _hashers_lock:
+        sizes = _manifest_sizes.get(resource_id)
+    if sizes is None:
+        with ctx.sessions() as session:
+            res = session.get(Resource, resource_id)
+            sizes = {e["sha256"]: e["size"] for e in (res.manifest if res else [])}
+        with _hashers_lock:
+            _manifest_sizes[resource_id] = sizes
+            while len(_manifest_sizes) > MANIFESTS_KEPT:
+                _manifest_sizes.pop(next(iter(_manifest_sizes)))
+    return sizes
 
-    def __init__(self, fd: int, start: int, upload: Upload, checksum_algorithm: str | None):
+
+def _take_receiver(ctx: ServerContext, upload: Upload, start: int) -> PackReceiver | None:
+    """The receiver to go on with at ``start``: the one that consumed the bytes before it,
+    or a new one at 0; None when those bytes were received without one (before a restart)."""
+    with _hashers_lock:
+        receiver = _pack_receivers.pop(upload.id, None)
+    if receiver is not None and receiver.offset == start and receiver.gave_up is None:
+        return receiver
+    if receiver is not None:
+        receiver.close()
+    if start != 0 or upload.resource_id is None:
+        return None
+    return PackReceiver(ctx.objects, manifest_sizes(ctx, upload.resource_id))
+
+
+def _drop_receiver(upload_id: str) -> None:
+    with _hashers_lock:
+        receiver = _pack_receivers.pop(upload_id, None)
+    if receiver is not None:
+        receiver.close()
+
+
+class _Sink:
+    """Appends one PATCH body to an upload's file on worker threads, hashing as it goes, and
+    for a pack, storing its members as they arrive (:class:`PackReceiver`)."""
+
+    def __init__(
+        self,
+        ctx: ServerContext,
+        fd: int,
+        start: int,
+        upload: Upload,
+        checksum_algorithm: str | None,
+    ):
         self.fd = fd
         self.start = start
         self.written = 0
         self.checksum = CHECKSUMS[checksum_algorithm]() if checksum_algorithm else None
         self.object_hash: hashlib._Hash | None = None
-        if upload.concat is None and upload.metadata_json.get("kind") == "object":
+        self.receiver: PackReceiver | None = None
+        kind = upload.metadata_json.get("kind") if upload.concat is None else None
+        if kind == "object":
             with _hashers_lock:
                 covered, hasher = _object_hashers.pop(upload.id, (0, hashlib.sha256()))
             if covered == start:
                 self.object_hash = hasher
+        elif kind == "pack":
+            self.receiver = _take_receiver(ctx, upload, start)
 
     def write(self, chunks: list[bytes]) -> None:
         """Append ``chunks`` with ``writev`` (no joining copy), hashing each."""
@@ -375,11 +430,21 @@ class _Sink:
                 self.checksum.update(chunk)
             if self.object_hash is not None:
                 self.object_hash.update(chunk)
+            if self.receiver is not None:
+                self.receiver.feed(chunk)
 
-    def keep_object_hash(self, upload_id: str) -> None:
-        if self.object_hash is not None:
-            with _hashers_lock:
+    def keep(self, upload_id: str) -> None:
+        """Keep the running hash or receiver for the upload's next PATCH (or completion)."""
+        with _hashers_lock:
+            if self.object_hash is not None:
                 _object_hashers[upload_id] = (self.start + self.written, self.object_hash)
+            if self.receiver is not None:
+                _pack_receivers[upload_id] = self.receiver
+
+    def discard(self) -> None:
+        """The body was cut back to its start: what was received is forgotten."""
+        if self.receiver is not None:
+            self.receiver.close()
 
 
 async def _receive(request: Request, sink: _Sink, limit: int, pool) -> bool:
@@ -441,7 +506,7 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
         if claimed != start:
             raise ApiError(409, ErrorCode.CONFLICT, f"Upload-Offset {claimed} != offset {start}")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        sink = _Sink(fd, start, upload, expected[0] if expected else None)
+        sink = _Sink(ctx, fd, start, upload, expected[0] if expected else None)
         try:
             whole = await _receive(request, sink, upload.length - start, ctx.io)
             bad_checksum = expected is not None and (
@@ -449,10 +514,12 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
             )
             if bad_checksum:
                 os.ftruncate(fd, start)
+                sink.discard()
             else:
-                sink.keep_object_hash(upload.id)
+                sink.keep(upload.id)
         except ApiError:
             os.ftruncate(fd, start)
+            sink.discard()
             raise
         finally:
             os.close(fd)
@@ -497,17 +564,21 @@ def _forget(ctx: ServerContext, session: Session, upload: Upload) -> None:
     upload_path(ctx, upload.id).unlink(missing_ok=True)
     with _hashers_lock:
         _object_hashers.pop(upload.id, None)
+    _drop_receiver(upload.id)
     session.delete(upload)
 
 
-def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> list[str]:
-    """Verify and store every member of a pack; returns their digests.
+def ingest_pack(ctx: ServerContext, pack: Path, sizes: dict[str, int]) -> list[str]:
+    """Verify and store every member of a complete pack read from disk; returns their digests.
+    (The way a pack is stored when no :class:`PackReceiver` followed all of its bytes.)
+
+    Args:
+        sizes: sha256 → size of every object of the version's manifest.
 
     Raises:
         ValueError: a member is not a regular file, is not named by a sha256 the manifest lists,
             has the wrong size, or its bytes do not hash to its name.
     """
-    sizes = {e["sha256"]: e["size"] for e in manifest}
     stored = []
     with tarfile.open(pack, mode="r|") as tar:
         for member in tar:
@@ -520,8 +591,22 @@ def ingest_pack(ctx: ServerContext, pack: Path, manifest: list[dict]) -> list[st
                 raise ValueError(f"pack member {member.name} has no data")
             ctx.objects.ingest(stream, member.name, member.size)
             stored.append(member.name)
-    os.sync()  # one flush for the pack's many small objects (see objects.py)
     return stored
+
+
+def _store_pack(ctx: ServerContext, upload: Upload, path: Path) -> list[str]:
+    """The digests of a complete pack's members, all verified and in the store: those its
+    receiver stored as the bytes arrived, or, if none followed every byte, read from disk."""
+    with _hashers_lock:
+        receiver = _pack_receivers.pop(upload.id, None)
+    if receiver is not None and receiver.complete and receiver.offset == upload.length:
+        return receiver.stored
+    if receiver is not None:
+        if receiver.gave_up:
+            log.info("upload %s read again from disk: %s", upload.id, receiver.gave_up)
+        receiver.close()
+    assert upload.resource_id is not None
+    return ingest_pack(ctx, path, manifest_sizes(ctx, upload.resource_id))
 
 
 def _assemble(ctx: ServerContext, session: Session, final: Upload) -> Path:
@@ -568,7 +653,8 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
             path = _assemble(ctx, session, upload) if upload.concat == "final" else None
             path = path or upload_path(ctx, upload.id)
             if upload.metadata_json.get("kind") == "pack":
-                stored = ingest_pack(ctx, path, res.manifest)
+                stored = _store_pack(ctx, upload, path)
+                ctx.objects.flush()  # once per pack, for all its small objects
                 path.unlink(missing_ok=True)
             else:
                 with _hashers_lock:
@@ -585,16 +671,17 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
         else:
             upload.state = STORED
             add_refs(session, upload.owner_id, stored)
+            objects_stored(session, res.id, stored)
         session.commit()
         if upload.state != STORED:
             return
         # Uploads of one version finish on several threads at once. Each commits its objects
-        # first, then looks again in a new transaction, with the version's row locked: the
-        # one that committed last sees every object and marks the version READY. (Looking in
-        # the same transaction missed the others' uncommitted objects on PostgreSQL, and left
+        # first, then counts what is left in a new transaction, with the version's row locked:
+        # the one that committed last sees none left and marks the version READY. (Looking in
+        # the same transaction missed the others' uncommitted deletes on PostgreSQL, and left
         # the version UPLOADING for ever.)
         res = session.get(Resource, res.id, with_for_update=True, populate_existing=True)
-        refresh_state(session, res, ctx.objects)
+        ready_if_complete(session, res)
         session.commit()
 
 
