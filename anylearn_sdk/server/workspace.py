@@ -17,7 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from anylearn_sdk.protocol import (
     MOUNT_ENV_VARS,
@@ -37,6 +38,8 @@ from anylearn_sdk.tracking import TRACKING_FILE_ENV, TRACKING_FILE_NAME
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER")
 #: Mount kinds, in the order their folders are resolved.
 MOUNT_KINDS = ("dataset", "model", "pretrain")
+#: Earlier versions of a dataset looked at for a laid-out tree to start a new one from.
+BASE_CANDIDATES = 5
 
 
 class PrepareError(RuntimeError):
@@ -251,5 +254,29 @@ class Workspace(Preparer):
                 raise PrepareError(f"{kind} {ref} is not READY")
             dest = self.materialized_root / res.id
             if not dest.exists():
-                self.objects.materialize((ManifestEntry.from_json(e) for e in res.manifest), dest)
+                entries = [ManifestEntry.from_json(e) for e in res.manifest]
+                self.objects.materialize(entries, dest, self._laid_out_base(session, res))
             return dest
+
+    def _laid_out_base(
+        self, session: Session, res: Resource
+    ) -> tuple[Path, list[ManifestEntry]] | None:
+        """The newest other READY version of the same name and owner that is laid out (its
+        tree and manifest), from which ``res`` is laid out by changing what differs."""
+        earlier = session.scalars(
+            select(Resource)
+            .where(
+                Resource.owner_id == res.owner_id,
+                Resource.kind == res.kind,
+                Resource.name == res.name,
+                Resource.state == ResourceState.READY,
+                Resource.id != res.id,
+            )
+            .order_by(Resource.created_at.desc())
+            .limit(BASE_CANDIDATES)
+        )
+        for other in earlier:
+            tree = self.materialized_root / other.id
+            if tree.is_dir():
+                return tree, [ManifestEntry.from_json(e) for e in other.manifest]
+        return None
