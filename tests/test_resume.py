@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, age
+from conftest import FIXTURES, admin_token, age, start_server
 
 from anylearn_sdk import sync_dataset
 from anylearn_sdk.content.manifest import build_manifest
@@ -248,3 +248,54 @@ def test_a_call_that_died_before_its_task_existed_is_finished_by_resume(
     assert f"algorithm_dir '{algorithm_repo}' is now commit" in caplog.text
     assert f"not {before[:12]}" in caplog.text and store.pending_calls() == []
     assert len(list_train_tasks()) == 2
+
+
+def test_server_killed_mid_pack_resumes_to_ready_with_every_object_verified(tmp_path):
+    """SIGKILL the backend while a pack's members are being stored from its arriving bytes;
+    after a restart on the same data folder the rerun ends READY, every object hashes to its
+    name, no temporary file is left, and only the bytes the server never wrote travel again."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"small{i:03d}.bin").write_bytes(os.urandom(20_000))  # 3 packs of 2 MiB
+    age(folder)
+    data_dir = tmp_path / "server"
+    server, url = start_server(data_dir)
+    token = admin_token(data_dir)
+    env = {**os.environ, "ANYLEARN_HOST": url, "ANYLEARN_TOKEN": token}
+    child = subprocess.Popen(
+        [sys.executable, str(FIXTURES / "sync_child.py"), str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout is not None
+    sent = 0
+    for line in child.stdout:
+        sent += line.startswith("sent")
+        if sent == 6:  # 384 KiB acknowledged: the first PATCHes of the packs are in
+            break
+    server.kill()  # SIGKILL, mid-pack
+    server.wait(timeout=30)
+    child.kill()
+    child.stdout.close()
+    child.wait(timeout=30)
+    objects = data_dir / "objects"
+    stored_before = [p for p in objects.glob("??/*") if not p.name.startswith(".")]
+    assert 0 < len(stored_before) < 300, "the kill should land while packs are being stored"
+
+    server, url = start_server(data_dir)
+    try:
+        init_sdk(url, token=token)
+        result = sync_dataset(folder, progress=False, resource_polling=0.05)
+        assert result.state == "READY"
+        manifest = build_manifest(folder, None)
+        for entry in manifest.entries:
+            path = objects / entry.sha256[:2] / entry.sha256[2:]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256
+        assert list(objects.glob("??/.*")) == []  # the half member was swept at start
+        # What reached the disk before the kill was kept: the rerun sent the rest.
+        assert result.uploaded_bytes < sum(e.size for e in manifest.entries) + 300 * 1024
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -92,6 +92,18 @@ class ObjectStore:
         """A temporary name beside object ``sha256``, unique to this process and thread."""
         return self.root / sha256[:2] / f".{sha256[2:]}.{os.getpid()}.{threading.get_ident()}"
 
+    def sweep_temporaries(self) -> int:
+        """Remove the temporary files a killed server left beside objects (names starting
+        with a dot, never an object's); run at start, before any upload. Returns how many."""
+        removed = 0
+        for prefix in range(256):
+            with os.scandir(self.root / f"{prefix:02x}") as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
     def flush(self) -> None:
         """Make every object written so far durable (``syncfs`` of the store's filesystem)."""
         syncfs(self.root)
