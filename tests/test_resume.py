@@ -36,16 +36,21 @@ def make_dataset(root: Path) -> Path:
     return root
 
 
-def run_child(user, folder: Path, kill_after_events: int | None, delay: float = 0.0) -> bool:
-    """Run the child; SIGKILL it ``delay`` seconds after its n-th progress line (if n is
-    given; 0 means as soon as the upload phase starts). Returns True if it was killed."""
-    env = {**os.environ, "ANYLEARN_HOST": user.backend.url, "ANYLEARN_TOKEN": user.token}
-    proc = subprocess.Popen(
+def start_child(url: str, token: str, folder: Path) -> subprocess.Popen:
+    """``sync_child.py`` syncing ``folder`` to ``url``, its progress lines on ``stdout``."""
+    env = {**os.environ, "ANYLEARN_HOST": url, "ANYLEARN_TOKEN": token}
+    return subprocess.Popen(
         [sys.executable, str(FIXTURES / "sync_child.py"), str(folder)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
+
+
+def run_child(user, folder: Path, kill_after_events: int | None, delay: float = 0.0) -> bool:
+    """Run the child; SIGKILL it ``delay`` seconds after its n-th progress line (if n is
+    given; 0 means as soon as the upload phase starts). Returns True if it was killed."""
+    proc = start_child(user.backend.url, user.token, folder)
     assert proc.stdout is not None
     events = 0
     for line in proc.stdout:
@@ -262,13 +267,7 @@ def test_server_killed_mid_pack_resumes_to_ready_with_every_object_verified(tmp_
     data_dir = tmp_path / "server"
     server, url = start_server(data_dir)
     token = admin_token(data_dir)
-    env = {**os.environ, "ANYLEARN_HOST": url, "ANYLEARN_TOKEN": token}
-    child = subprocess.Popen(
-        [sys.executable, str(FIXTURES / "sync_child.py"), str(folder)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    child = start_child(url, token, folder)
     assert child.stdout is not None
     sent = 0
     for line in child.stdout:
