@@ -458,10 +458,9 @@ class PackReceiver:
         if self._digest.hexdigest() != self._name:
             self._give_up(f"member {self._name} does not hash to its name")
             return
-        if self._fd >= 0:
+        if self._tmp is not None:  # written (not already in the store)
             os.close(self._fd)
             self._fd = -1
-            assert self._tmp is not None
             os.replace(self._tmp, self.objects.path_for(self._name))
             self._tmp = None
         self.stored.append(self._name)

@@ -605,7 +605,8 @@ def _store_pack(ctx: ServerContext, upload: Upload, path: Path) -> list[str]:
         if receiver.gave_up:
             log.info("upload %s read again from disk: %s", upload.id, receiver.gave_up)
         receiver.close()
-    assert upload.resource_id is not None
+    if upload.resource_id is None:
+        raise ValueError(f"pack upload {upload.id} names no dataset or model")
     return ingest_pack(ctx, path, manifest_sizes(ctx, upload.resource_id))
 
 
