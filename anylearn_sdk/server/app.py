@@ -218,6 +218,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         sweep = min(UPLOAD_SWEEP_SECONDS, ctx.upload_expiry)
         ctx.scheduler.add_periodic(sweep, lambda: uploads.expire_uploads(ctx))
         ctx.objects.sweep_temporaries()  # before any upload can write one
+        uploads.recover_packs(ctx)
         ctx.scheduler.start()
         uploads.resume_verification(ctx)
         try:

@@ -349,40 +349,66 @@ def _folders(entries: Iterable[ManifestEntry], root: str) -> set[str]:
 
 class PackReceiver:
     """Verifies and stores the members of a pack (an uncompressed tar whose members are named
-    by their sha256) while its bytes arrive, so a pack is stored by the time its last byte is.
+    by their sha256) while its bytes arrive, so a pack is stored by the time its last byte is
+    and its bytes are never written anywhere but into the objects.
 
-    :meth:`feed` takes the pack's bytes in order, in pieces of any size. It reads plain ustar
-    headers only (what :mod:`anylearn_sdk.content.pack` writes); at anything else (a pax or
-    GNU extension header, a member the manifest does not list at that size, bytes that do not
-    hash to their name) it stops following the stream and records why in :attr:`gave_up`: the
-    complete pack is then read again from disk by the caller, which raises the proper error.
-    So a receiver only ever speeds things up; it never decides that a pack is bad.
+    :meth:`feed` takes the pack's bytes in order, in pieces of any size. It reads ustar headers
+    and pax extended headers (``path`` and ``size`` records; global ones are skipped). At the
+    first member that is not a regular file named by a sha256 the manifest lists at that size,
+    or whose bytes do not hash to its name, it stops and records why in :attr:`gave_up`, with
+    the same words as :func:`anylearn_sdk.server.api.uploads.ingest_pack`; the rest of the
+    pack is then only counted.
 
-    Each member is written to a temporary file beside its object and renamed into place once
-    its digest matched (see :meth:`ObjectStore.ingest`); members already in the store are
-    hashed and not written. Nothing is flushed: the caller calls :meth:`ObjectStore.flush`.
+    Each member is written to a temporary file beside its object (:meth:`ObjectStore.temp_for`)
+    and renamed into place once its digest matched; members already in the store are hashed
+    and not written. Nothing is flushed: the caller calls :meth:`ObjectStore.flush`.
+
+    Args:
+        journal: a file to which the digest of each stored member is appended (one per line),
+            and ``end`` once the archive ended, so a restarted server knows what a complete
+            pack held without its bytes (:meth:`from_journal`).
 
     Attributes:
         offset: bytes of the pack consumed so far.
         stored: sha256 digests of the members verified and in the store, in pack order.
         finished: the end-of-archive marker was read.
-        gave_up: why the stream is no longer followed (None while it is).
+        gave_up: why the pack is refused (None while it is not).
     """
 
-    def __init__(self, objects: ObjectStore, sizes: Mapping[str, int]):
+    def __init__(self, objects: ObjectStore, sizes: Mapping[str, int], journal: Path | None = None):
         self.objects = objects
         self.sizes = sizes
         self.offset = 0
         self.stored: list[str] = []
         self.finished = False
         self.gave_up: str | None = None
+        self._journal = (
+            os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if journal else -1
+        )
         self._header = bytearray()
+        self._pax: bytearray | None = None  # the data of a pax header being read
+        self._overrides: dict[str, str] = {}  # from the last pax header, for the next member
         self._name = ""
-        self._left = 0  # bytes of the current member still to come
+        self._left = 0  # bytes of the current member (or pax data) still to come
         self._pad = 0  # padding bytes still to skip after it
         self._fd = -1
         self._tmp: Path | None = None
         self._digest = hashlib.sha256()
+
+    @classmethod
+    def from_journal(cls, objects: ObjectStore, journal: Path, length: int) -> PackReceiver | None:
+        """The receiver of a complete pack as its journal recorded it, if the journal ends with
+        ``end`` and every object it lists is in the store and hashes to its name (read again:
+        after a power loss an object may not be); else None."""
+        lines = journal.read_text(encoding="ascii").split("\n")
+        digests = [line for line in lines if SHA256_HEX.fullmatch(line)]
+        if "end" not in lines or any(
+            not objects.has(d) or hash_path(objects.path_for(d)) != d for d in digests
+        ):
+            return None
+        receiver = cls(objects, {})
+        receiver.stored, receiver.finished, receiver.offset = digests, True, length
+        return receiver
 
     @property
     def complete(self) -> bool:
@@ -411,13 +437,17 @@ class PackReceiver:
                     self._header.clear()
 
     def close(self) -> None:
-        """Drop a member left half-written (the stream stopped in its middle)."""
+        """Drop a member left half-written (the stream stopped in its middle); close the
+        journal."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+        if self._journal >= 0:
+            os.close(self._journal)
+            self._journal = -1
 
     def _give_up(self, why: str) -> None:
         self.gave_up = why
@@ -426,37 +456,59 @@ class PackReceiver:
     def _start_member(self, block: bytes) -> None:
         if block == bytes(TAR_BLOCK):
             self.finished = True  # end of archive: two zero blocks, then padding
+            if self._journal >= 0:
+                os.write(self._journal, b"end\n")
+            self.close()
             return
         try:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as err:
-            self._give_up(f"bad tar header at {self.offset}: {err}")
+            self._give_up(f"pack has a bad tar header at byte {self.offset}: {err}")
             return
-        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-            self._give_up(f"member {info.name!r} is not a plain regular file")
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            self._pax = bytearray() if info.type == tarfile.XHDTYPE else None
+            self._left, self._pad = info.size, -info.size % TAR_BLOCK
+            self._name = ""
             return
-        if self.sizes.get(info.name) != info.size:
-            self._give_up(f"member {info.name!r} is not in the manifest at size {info.size}")
+        name = self._overrides.get("path", info.name)
+        size = int(self._overrides.get("size", info.size))
+        self._overrides = {}
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not SHA256_HEX.fullmatch(name):
+            self._give_up(f"pack member {name!r} is not a regular object file")
             return
-        self._name, self._left, self._pad = info.name, info.size, -info.size % TAR_BLOCK
+        if self.sizes.get(name) != size:
+            self._give_up(f"pack member {name} is not in the manifest at that size")
+            return
+        self._name, self._left, self._pad = name, size, -size % TAR_BLOCK
         self._digest = hashlib.sha256()
-        if not self.objects.has(info.name):
-            self._tmp = self.objects.temp_for(info.name)
+        if not self.objects.has(name):
+            self._tmp = self.objects.temp_for(name)
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-        if info.size == 0:
+        if size == 0:
             self._end_member()
 
     def _member_bytes(self, piece: memoryview) -> None:
-        self._digest.update(piece)
         self._left -= len(piece)
+        if not self._name:  # a pax header's data
+            if self._pax is not None:
+                self._pax += piece
+                if not self._left:
+                    self._overrides = _pax_records(bytes(self._pax))
+                    self._pax = None
+            return
+        self._digest.update(piece)
         while self._fd >= 0 and piece:
             piece = piece[os.write(self._fd, piece) :]
         if not self._left:
             self._end_member()
 
     def _end_member(self) -> None:
-        if self._digest.hexdigest() != self._name:
-            self._give_up(f"member {self._name} does not hash to its name")
+        digest = self._digest.hexdigest()
+        if digest != self._name:
+            self._give_up(
+                f"object {self._name} failed verification: got {self.sizes[self._name]} bytes "
+                f"with sha256 {digest}"
+            )
             return
         if self._tmp is not None:  # written (not already in the store)
             os.close(self._fd)
@@ -464,6 +516,26 @@ class PackReceiver:
             os.replace(self._tmp, self.objects.path_for(self._name))
             self._tmp = None
         self.stored.append(self._name)
+        if self._journal >= 0:
+            os.write(self._journal, self._name.encode("ascii") + b"\n")
+        self._name = ""
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``path`` and ``size`` records of a pax extended header (``"%d %s=%s\\n"`` each)."""
+    records: dict[str, str] = {}
+    while data:
+        length = data.split(b" ", 1)[0]
+        try:
+            n = int(length)
+        except ValueError:
+            break
+        record = data[len(length) + 1 : n]
+        key, _, value = record.rstrip(b"\n").partition(b"=")
+        if key in (b"path", b"size"):
+            records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        data = data[n:]
+    return records
 
 
 def make_writable(root: Path) -> None:

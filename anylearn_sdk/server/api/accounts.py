@@ -197,6 +197,7 @@ def remove_user(username: str, admin: AdminUser, session: DB, ctx: Ctx) -> Respo
         shutil.rmtree(ctx.paths.repo(alg_id), ignore_errors=True)
     for upload_id in upload_ids:
         (ctx.paths.uploads / upload_id).unlink(missing_ok=True)
+        (ctx.paths.uploads / f"{upload_id}.members").unlink(missing_ok=True)
     for resource_id in resource_ids:
         shutil.rmtree(ctx.paths.materialized / resource_id, ignore_errors=True)
     return Response(status_code=204)

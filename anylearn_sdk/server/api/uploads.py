@@ -14,8 +14,11 @@ Every upload names, in its ``Upload-Metadata``, the dataset or model it belongs 
 
 - ``object``: the bytes of one file of the manifest, named by ``sha256``. They are hashed as
   they arrive; when complete, the file is renamed into the object store (no copy).
-- ``pack``: an uncompressed tar whose members are named by their sha256; each member is
-  verified and stored.
+- ``pack``: an uncompressed tar whose members are named by their sha256. Its bytes go
+  straight into objects as they arrive (:class:`PackReceiver`, one per upload, kept across
+  PATCHes): each member is verified and stored, the upload's file only grows to the pack's
+  length, and a journal beside it lists the stored members. A restart loses the receiver; a
+  pack received whole is then verified again from its journal, any other starts over at 0.
 - a partial upload (``Upload-Concat: partial``, tus §Concatenation) needs no ``kind``; a
   final upload (``Upload-Concat: final;<url> <url>...``) concatenates complete partials in
   order and is then treated as its ``kind``. This lets one large file travel as parallel
@@ -128,6 +131,12 @@ def _check_version(request: Request) -> None:
 
 def upload_path(ctx: ServerContext, upload_id: str) -> Path:
     return ctx.paths.uploads / upload_id
+
+
+def journal_path(ctx: ServerContext, upload_id: str) -> Path:
+    """The members a pack's receiver stored (:class:`PackReceiver`'s journal). While it exists
+    the upload's file holds no bytes, only its length: they went straight into objects."""
+    return ctx.paths.uploads / f"{upload_id}.members"
 
 
 def _location(upload_id: str) -> str:
@@ -368,16 +377,19 @@ def manifest_sizes(ctx: ServerContext, resource_id: str) -> dict[str, int]:
 
 def _take_receiver(ctx: ServerContext, upload: Upload, start: int) -> PackReceiver | None:
     """The receiver to go on with at ``start``: the one that consumed the bytes before it,
-    or a new one at 0; None when those bytes were received without one (before a restart)."""
+    or a new one at 0; None for a pack whose bytes are kept in its file (one received before
+    streaming packs existed)."""
     with _hashers_lock:
         receiver = _pack_receivers.pop(upload.id, None)
-    if receiver is not None and receiver.offset == start and receiver.gave_up is None:
+    if receiver is not None and receiver.offset == start:
         return receiver
-    if receiver is not None:
+    if receiver is not None:  # pragma: no cover - offsets and receivers move together
         receiver.close()
     if start != 0 or upload.resource_id is None:
         return None
-    return PackReceiver(ctx.objects, manifest_sizes(ctx, upload.resource_id))
+    journal = journal_path(ctx, upload.id)
+    journal.unlink(missing_ok=True)
+    return PackReceiver(ctx.objects, manifest_sizes(ctx, upload.resource_id), journal)
 
 
 def _drop_receiver(upload_id: str) -> None:
@@ -415,7 +427,15 @@ class _Sink:
             self.receiver = _take_receiver(ctx, upload, start)
 
     def write(self, chunks: list[bytes]) -> None:
-        """Append ``chunks`` with ``writev`` (no joining copy), hashing each."""
+        """Append ``chunks`` with ``writev`` (no joining copy), hashing each. A pack's bytes
+        go to its receiver instead; the file only grows to their length (sparse), so the
+        upload's offset is still the file's size."""
+        if self.receiver is not None:
+            for chunk in chunks:
+                self.receiver.feed(chunk)
+                self.written += len(chunk)
+            os.ftruncate(self.fd, self.start + self.written)
+            return
         for i in range(0, len(chunks), WRITEV_CHUNKS):
             pending = [memoryview(c) for c in chunks[i : i + WRITEV_CHUNKS]]
             while pending:
@@ -430,8 +450,6 @@ class _Sink:
                 self.checksum.update(chunk)
             if self.object_hash is not None:
                 self.object_hash.update(chunk)
-            if self.receiver is not None:
-                self.receiver.feed(chunk)
 
     def keep(self, upload_id: str) -> None:
         """Keep the running hash or receiver for the upload's next PATCH (or completion)."""
@@ -441,10 +459,16 @@ class _Sink:
             if self.receiver is not None:
                 _pack_receivers[upload_id] = self.receiver
 
-    def discard(self) -> None:
-        """The body was cut back to its start: what was received is forgotten."""
-        if self.receiver is not None:
-            self.receiver.close()
+    def cut_back(self, ctx: ServerContext, upload_id: str) -> None:
+        """Forget this body: the file goes back to where the body started, or for a pack, to
+        0 (its receiver consumed the body and cannot step back; the client, told the offset
+        by HEAD, sends the pack again)."""
+        if self.receiver is None:
+            os.ftruncate(self.fd, self.start)
+            return
+        self.receiver.close()
+        os.ftruncate(self.fd, 0)
+        journal_path(ctx, upload_id).unlink(missing_ok=True)
 
 
 async def _receive(request: Request, sink: _Sink, limit: int, pool) -> bool:
@@ -513,13 +537,11 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
                 not whole or sink.checksum is None or sink.checksum.digest() != expected[1]
             )
             if bad_checksum:
-                os.ftruncate(fd, start)
-                sink.discard()
+                sink.cut_back(ctx, upload.id)
             else:
                 sink.keep(upload.id)
         except ApiError:
-            os.ftruncate(fd, start)
-            sink.discard()
+            sink.cut_back(ctx, upload.id)
             raise
         finally:
             os.close(fd)
@@ -562,6 +584,7 @@ def terminate(upload_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> Respo
 
 def _forget(ctx: ServerContext, session: Session, upload: Upload) -> None:
     upload_path(ctx, upload.id).unlink(missing_ok=True)
+    journal_path(ctx, upload.id).unlink(missing_ok=True)
     with _hashers_lock:
         _object_hashers.pop(upload.id, None)
     _drop_receiver(upload.id)
@@ -602,9 +625,9 @@ def _store_pack(ctx: ServerContext, upload: Upload, path: Path) -> list[str]:
     if receiver is not None and receiver.complete and receiver.offset == upload.length:
         return receiver.stored
     if receiver is not None:
-        if receiver.gave_up:
-            log.info("upload %s read again from disk: %s", upload.id, receiver.gave_up)
         receiver.close()
+    if journal_path(ctx, upload.id).exists():  # the bytes went to the receiver only
+        raise ValueError(receiver.gave_up if receiver and receiver.gave_up else "pack incomplete")
     if upload.resource_id is None:
         raise ValueError(f"pack upload {upload.id} names no dataset or model")
     return ingest_pack(ctx, path, manifest_sizes(ctx, upload.resource_id))
@@ -635,6 +658,32 @@ def _assemble(ctx: ServerContext, session: Session, final: Upload) -> Path:
     return target
 
 
+def recover_packs(ctx: ServerContext) -> None:
+    """At start, before :func:`resume_verification`: the packs whose bytes went straight into
+    objects lost their receivers. One the stopped server had received whole, with a journal
+    that ends and whose objects verify, is verified again from its journal; any other starts
+    over at offset 0 (HEAD tells its client, which sends that pack again)."""
+    with ctx.sessions() as session:
+        for journal in ctx.paths.uploads.glob("*.members"):
+            upload = session.get(Upload, journal.name.split(".")[0])
+            if upload is None:
+                journal.unlink()
+                continue
+            if upload.state == VERIFYING:
+                receiver = PackReceiver.from_journal(ctx.objects, journal, upload.length)
+                if receiver is not None:
+                    with _hashers_lock:
+                        _pack_receivers[upload.id] = receiver
+                    continue
+            journal.unlink()
+            with open(upload_path(ctx, upload.id), "ab") as f:
+                f.truncate(0)
+            if upload.state == VERIFYING:
+                upload.state = RECEIVING
+            log.info("pack upload %s starts over: its bytes were lost in a restart", upload.id)
+        session.commit()
+
+
 def resume_verification(ctx: ServerContext) -> None:
     """At start: verify again the uploads a stopped server was verifying."""
     with ctx.sessions() as session:
@@ -657,6 +706,7 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
                 stored = _store_pack(ctx, upload, path)
                 ctx.objects.flush()  # once per pack, for all its small objects
                 path.unlink(missing_ok=True)
+                journal_path(ctx, upload.id).unlink(missing_ok=True)
             else:
                 with _hashers_lock:
                     covered, hasher = _object_hashers.pop(upload.id, (-1, None))
@@ -669,6 +719,7 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
             upload.state, upload.error = FAILED, str(err)
             res.state, res.error = ResourceState.ERROR, str(err)
             upload_path(ctx, upload.id).unlink(missing_ok=True)
+            journal_path(ctx, upload.id).unlink(missing_ok=True)
         else:
             upload.state = STORED
             add_refs(session, upload.owner_id, stored)
@@ -703,6 +754,7 @@ def expire_uploads(ctx: ServerContext, now: datetime | None = None) -> int:
         known = set(session.scalars(select(Upload.id)))
     cutoff = now.timestamp() - ctx.upload_expiry
     for path in ctx.paths.uploads.iterdir():
-        if path.name not in known and path.is_file() and path.stat().st_mtime < cutoff:
+        owner = path.name.split(".")[0]  # an upload's file, or its journal
+        if owner not in known and path.is_file() and path.stat().st_mtime < cutoff:
             path.unlink(missing_ok=True)
     return removed
