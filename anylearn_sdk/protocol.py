@@ -102,6 +102,10 @@ def check_relative_path(path: str, *, what: str = "path") -> str:
         raise ValueError(f"{what} {path!r} is empty; give a relative path such as 'output'")
     if "\x00" in path or "\\" in path:
         raise ValueError(f"{what} {path!r} contains a NUL or a backslash; use '/' separators")
+    if path[0] != "/" and path[-1] != "/" and "//" not in path:
+        parts = path.split("/")
+        if "." not in parts and ".." not in parts:
+            return path  # already normal: the common case, without PurePosixPath
     pure = PurePosixPath(path)
     if pure.is_absolute():
         raise ValueError(f"{what} {path!r} is absolute; it must be relative to its root")
@@ -141,10 +145,15 @@ def validate_manifest(entries: Iterable[Mapping]) -> list[ManifestEntry]:
     paths = {e.path for e in parsed}
     if len(paths) != len(parsed):
         raise ValueError("manifest lists the same path twice")
+    folders: set[str] = set()
     for p in paths:
-        for parent in PurePosixPath(p).parents:
-            if str(parent) in paths:
-                raise ValueError(f"manifest path {str(parent)!r} is both a file and a folder")
+        while (cut := p.rfind("/")) > 0:
+            p = p[:cut]
+            if p in folders:
+                break  # its parents were looked at already
+            if p in paths:
+                raise ValueError(f"manifest path {p!r} is both a file and a folder")
+            folders.add(p)
     return sorted(parsed)
 
 
