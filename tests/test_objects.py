@@ -67,6 +67,24 @@ def test_a_version_laid_out_from_an_earlier_tree_equals_one_laid_out_afresh(tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_an_unused_base_tree_is_moved_and_changed_in_place(tmp_path):
+    store = ObjectStore(tmp_path / "objects")
+    v1 = put(store, {f"d/f{i}": (b"v1 %d" % i, 0o644) for i in range(6)})
+    v2 = put(store, {**{f"d/f{i}": (b"v1 %d" % i, 0o644) for i in range(5)}, "e/g": (b"g", 0o644)})
+    store.materialize(v1, tmp_path / "v1")
+    inode = (tmp_path / "v1/d/f0").stat().st_ino
+    store.materialize(v2, tmp_path / "v2", base=(tmp_path / "v1", v1), take_base=True)
+    store.materialize(v2, tmp_path / "fresh")
+    assert tree(tmp_path / "v2") == tree(tmp_path / "fresh")
+    assert not (tmp_path / "v1").exists()  # taken; laid out again when next asked for
+    assert (tmp_path / "v2/d/f0").stat().st_ino == inode
+    store.materialize(v1, tmp_path / "v1", base=(tmp_path / "v2", v2))
+    assert tree(tmp_path / "v1") == {
+        "d": ("0o555", None),
+        **{f"d/f{i}": ("0o444", b"v1 %d" % i) for i in range(6)},
+    }
+
+
 def test_a_base_that_shares_little_is_not_copied(tmp_path):
     store = ObjectStore(tmp_path / "objects")
     v1 = put(store, {f"f{i}": (b"v1 %d" % i, 0o644) for i in range(4)})

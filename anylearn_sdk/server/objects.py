@@ -250,6 +250,7 @@ class ObjectStore:
         manifest: Iterable[ManifestEntry],
         dest: Path,
         base: tuple[Path, Iterable[ManifestEntry]] | None = None,
+        take_base: bool = False,
     ) -> None:
         """Lay out a manifest's files under ``dest`` read-only, hard-linking the stored objects.
 
@@ -264,6 +265,9 @@ class ObjectStore:
                 that differ are changed: a version that differs by a few files is laid out at
                 the speed of the copy, not of a link per file from Python. Ignored when most
                 files differ.
+            take_base: the base tree may be moved rather than copied (nothing uses it; the
+                caller makes sure nothing starts to): the layout then costs only the files
+                that differ, and the base is laid out again when it is next asked for.
         """
         if dest.exists():
             return
@@ -272,7 +276,9 @@ class ObjectStore:
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
         root = str(staging)
         try:
-            todo = self._start_from(base, entries, root) if base is not None else entries
+            todo = entries
+            if base is not None:
+                todo = self._start_from(base, entries, root, take_base)
             made = {root}
             for entry in todo:
                 self._place(entry, root, made)
@@ -287,11 +293,15 @@ class ObjectStore:
             # Another thread laid out the same manifest first; its copy is as good.
 
     def _start_from(
-        self, base: tuple[Path, Iterable[ManifestEntry]], entries: list[ManifestEntry], root: str
+        self,
+        base: tuple[Path, Iterable[ManifestEntry]],
+        entries: list[ManifestEntry],
+        root: str,
+        take: bool,
     ) -> list[ManifestEntry]:
-        """Copy ``base``'s tree into the empty folder ``root`` and remove what ``entries`` do
-        not keep; returns the entries still to lay out (all of them if the copy is not worth
-        it or fails)."""
+        """Move (``take``) or copy ``base``'s tree into the empty folder ``root`` and remove
+        what ``entries`` do not keep; returns the entries still to lay out (all of them if
+        the copy is not worth it or fails)."""
         tree, base_entries = base
         old = {e.path: e for e in base_entries}
         new = {e.path: e for e in entries}
@@ -299,7 +309,11 @@ class ObjectStore:
         if len(todo) > len(entries) // 2 or not tree.is_dir():
             return entries
         try:
-            subprocess.run(["cp", "-al", f"{tree}/.", f"{root}/"], check=True, capture_output=True)
+            if take:
+                os.rename(tree, root)  # onto the empty folder: same filesystem, one call
+            else:
+                cmd = ["cp", "-al", f"{tree}/.", f"{root}/"]
+                subprocess.run(cmd, check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError):
             make_writable(Path(root))
             shutil.rmtree(root)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from anylearn_sdk.protocol import (
     substitute_placeholders,
 )
 from anylearn_sdk.server import gitrepos
+from anylearn_sdk.server.api.resources import users_of
 from anylearn_sdk.server.db import Resource, TrainTask
 from anylearn_sdk.server.environments import REQUIREMENTS_FILE, Environments
 from anylearn_sdk.server.executors.base import RunSpec
@@ -235,6 +237,7 @@ class Workspace(Preparer):
         self.objects = objects
         self.repos_root = repos_root
         self.materialized_root = materialized_root
+        self._layout_lock = threading.Lock()
 
     def checkout(self, spec: RunSpec, dest: Path) -> None:
         try:
@@ -253,16 +256,23 @@ class Workspace(Preparer):
             if res is None or res.state != ResourceState.READY:
                 raise PrepareError(f"{kind} {ref} is not READY")
             dest = self.materialized_root / res.id
-            if not dest.exists():
-                entries = [ManifestEntry.from_json(e) for e in res.manifest]
-                self.objects.materialize(entries, dest, self._laid_out_base(session, res))
+            # One layout at a time: a tree is moved only while no task can be looking at it.
+            with self._layout_lock:
+                if not dest.exists():
+                    entries = [ManifestEntry.from_json(e) for e in res.manifest]
+                    base = self._laid_out_base(session, res)
+                    # A base that no queued or running task mounts is moved, not copied.
+                    unused = base is not None and not users_of(session, res.kind, base[2])
+                    self.objects.materialize(
+                        entries, dest, base[:2] if base else None, take_base=unused
+                    )
             return dest
 
     def _laid_out_base(
         self, session: Session, res: Resource
-    ) -> tuple[Path, list[ManifestEntry]] | None:
+    ) -> tuple[Path, list[ManifestEntry], str] | None:
         """The newest other READY version of the same name and owner that is laid out (its
-        tree and manifest), from which ``res`` is laid out by changing what differs."""
+        tree, manifest and id), from which ``res`` is laid out by changing what differs."""
         earlier = session.scalars(
             select(Resource)
             .where(
@@ -278,5 +288,5 @@ class Workspace(Preparer):
         for other in earlier:
             tree = self.materialized_root / other.id
             if tree.is_dir():
-                return tree, [ManifestEntry.from_json(e) for e in other.manifest]
+                return tree, [ManifestEntry.from_json(e) for e in other.manifest], other.id
         return None
