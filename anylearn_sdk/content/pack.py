@@ -69,23 +69,31 @@ class PackReader:
 
     def __init__(self, members: list[PackMember]):
         self.members = sorted(members, key=lambda m: m.sha256)
+        # Every header is one block, so the length is known without building any: the
+        # segments are laid out on the first read, on the thread that sends the pack, and a
+        # plan of 20,000 files is ready before the first pack could leave.
+        self.length = sum(BLOCK + m.size + (-m.size % BLOCK) for m in self.members) + len(
+            END_OF_ARCHIVE
+        )
         self._segments: list[tuple[int, bytes | PackMember, int]] = []  # (start, what, length)
+        self._starts: list[int] = []
+        self.key = hashlib.sha256("".join(m.sha256 for m in self.members).encode()).hexdigest()
+
+    def _lay_out(self) -> None:
+        segments: list[tuple[int, bytes | PackMember, int]] = []
         offset = 0
         for m in self.members:
-            header = _header(m)
-            self._segments.append((offset, header, len(header)))
-            offset += len(header)
-            self._segments.append((offset, m, m.size))
+            segments.append((offset, _header(m), BLOCK))
+            offset += BLOCK
+            segments.append((offset, m, m.size))
             offset += m.size
             pad = -m.size % BLOCK
             if pad:
-                self._segments.append((offset, b"\0" * pad, pad))
+                segments.append((offset, b"\0" * pad, pad))
                 offset += pad
-        self._segments.append((offset, END_OF_ARCHIVE, len(END_OF_ARCHIVE)))
-        offset += len(END_OF_ARCHIVE)
-        self.length = offset
-        self._starts = [s[0] for s in self._segments]
-        self.key = hashlib.sha256("".join(m.sha256 for m in self.members).encode()).hexdigest()
+        segments.append((offset, END_OF_ARCHIVE, len(END_OF_ARCHIVE)))
+        self._starts = [seg[0] for seg in segments]
+        self._segments = segments
 
     def read_at(self, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes starting at ``offset`` (fewer only at the end of the pack).
@@ -93,6 +101,8 @@ class PackReader:
         Raises:
             InvalidArgumentError: a source changed since it was hashed.
         """
+        if not self._segments:
+            self._lay_out()
         out = bytearray()
         index = bisect.bisect_right(self._starts, offset) - 1
         while size > 0 and 0 <= index < len(self._segments):
