@@ -52,7 +52,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
-from anylearn_sdk.protocol import SHA256_HEX
 from anylearn_sdk.server.api.resources import add_refs, objects_stored, ready_if_complete
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
 from anylearn_sdk.server.db import Resource, Upload, User, as_utc, utcnow
@@ -593,28 +592,26 @@ def _forget(ctx: ServerContext, session: Session, upload: Upload) -> None:
 
 def ingest_pack(ctx: ServerContext, pack: Path, sizes: dict[str, int]) -> list[str]:
     """Verify and store every member of a complete pack read from disk; returns their digests.
-    (The way a pack is stored when no :class:`PackReceiver` followed all of its bytes.)
+    (The way a pack is stored when no receiver followed its bytes: a final upload joined from
+    parts.) The file is fed to a :class:`PackReceiver`, so both ways check the same things.
 
     Args:
         sizes: sha256 → size of every object of the version's manifest.
 
     Raises:
         ValueError: a member is not a regular file, is not named by a sha256 the manifest lists,
-            has the wrong size, or its bytes do not hash to its name.
+            has the wrong size, or its bytes do not hash to its name; or the pack ends early.
     """
-    stored = []
-    with tarfile.open(pack, mode="r|") as tar:
-        for member in tar:
-            if not member.isreg() or not SHA256_HEX.fullmatch(member.name):
-                raise ValueError(f"pack member {member.name!r} is not a regular object file")
-            if sizes.get(member.name) != member.size:
-                raise ValueError(f"pack member {member.name} is not in the manifest at that size")
-            stream = tar.extractfile(member)
-            if stream is None:  # pragma: no cover - isreg() members always have data
-                raise ValueError(f"pack member {member.name} has no data")
-            ctx.objects.ingest(stream, member.name, member.size)
-            stored.append(member.name)
-    return stored
+    receiver = PackReceiver(ctx.objects, sizes)
+    try:
+        with open(pack, "rb", buffering=0) as f:
+            while (block := f.read(WRITE_BLOCK_BYTES)) and receiver.gave_up is None:
+                receiver.feed(block)
+    finally:
+        receiver.close()
+    if not receiver.complete:
+        raise ValueError(receiver.gave_up or "pack ends before its end-of-archive marker")
+    return receiver.stored
 
 
 def _store_pack(ctx: ServerContext, upload: Upload, path: Path) -> list[str]:
