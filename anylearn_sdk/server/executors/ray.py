@@ -355,6 +355,9 @@ class RayExecutor:
                 self._pull(attempt, agents, paths, final=False)
             except (RayActorError, ray.exceptions.GetTimeoutError) as err:
                 self._stop(agents)
+                # The surviving nodes' last lines (and node 0's last checkpoint) are kept.
+                self._pull(attempt, agents, paths, final=True)
+                self._sync_output(agents[0], paths)
                 self._end(attempt, Lost(f"a node died: {_cause(err)}"))
                 return
             failed = [(i, code) for i, (state, code) in enumerate(states) if state != "running"]
@@ -378,29 +381,27 @@ class RayExecutor:
 
     def _pull(self, attempt: _Attempt, agents: list, paths: TaskPaths, *, final: bool) -> None:
         """Append what each node logged since its offset to the task's log; record the new
-        offsets and the log's size together (reported to the scheduler as the handle)."""
+        offsets and the log's size together (reported to the scheduler as the handle).
+
+        ``final``: the ranks have ended; each node's rest is taken, partial last line included,
+        and a node that does not answer (it died) loses only its own lines. Otherwise a node
+        that does not answer raises RayActorError or GetTimeoutError."""
         method = "flush_log" if final else "read_log"
-        try:
-            chunks = ray.get(
-                [
-                    getattr(a, method).remote(o)
-                    for a, o in zip(agents, attempt.offsets, strict=True)
-                ],
-                timeout=CALL_TIMEOUT,
-            )
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            if final:
-                return
-            raise
+        refs = [getattr(a, method).remote(o) for a, o in zip(agents, attempt.offsets, strict=True)]
+        chunks = _answers(refs) if final else ray.get(refs, timeout=CALL_TIMEOUT)
         self._pull_tracking(agents, paths)
-        if not any(data for data, _ in chunks):
+        if not any(chunk and chunk[0] for chunk in chunks):
             return
         with open(paths.log, "ab") as out:
-            for data, _ in chunks:
-                out.write(data)
+            for chunk in chunks:
+                if chunk:
+                    out.write(chunk[0])
             size = out.tell()
         with self._lock:
-            attempt.offsets = [offset for _, offset in chunks]
+            attempt.offsets = [
+                chunk[1] if chunk else offset
+                for chunk, offset in zip(chunks, attempt.offsets, strict=True)
+            ]
             attempt.log_size = size
         self._set(attempt, Running(attempt.handle()))
 
@@ -421,17 +422,12 @@ class RayExecutor:
                     size = f.read().rfind(b"\n") + 1
                     f.truncate(size)
             offsets.append(size)
-        try:
-            chunks = ray.get(
-                [a.read_tracking.remote(o) for a, o in zip(agents, offsets, strict=True)],
-                timeout=CALL_TIMEOUT,
-            )
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            return  # read again at the next pull, or lost with its node
-        for copy, (data, _) in zip(copies, chunks, strict=True):
-            if data:
+        # A node that does not answer is read again at the next pull, or lost with its node.
+        chunks = _answers([a.read_tracking.remote(o) for a, o in zip(agents, offsets, strict=True)])
+        for copy, chunk in zip(copies, chunks, strict=True):
+            if chunk and chunk[0]:
                 with open(copy, "ab") as f:
-                    f.write(data)
+                    f.write(chunk[0])
 
     def _sync_output(self, agent: Any, paths: TaskPaths) -> None:
         """Copy node 0's output folder over the backend's (members checked by tarfile's
@@ -485,6 +481,20 @@ def _cause(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
     text = str(cause).strip().splitlines()
     return text[-1] if text else type(cause).__name__
+
+
+def _answers(refs: list) -> list:
+    """Each call's result, or None for a call whose actor died or that did not answer within
+    :data:`CALL_TIMEOUT` seconds (all calls together)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CALL_TIMEOUT)
+    done = set(ready)
+    results = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref) if ref in done else None)
+        except RayActorError:
+            results.append(None)
+    return results
 
 
 def _kill_actor(name: str, namespace: str) -> None:
