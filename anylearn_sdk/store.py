@@ -15,7 +15,8 @@ Tables (created by the versioned migrations below, recorded in ``_sqlite_migrati
   from the server's offset.
 * ``folder_manifests``: per folder (or archive), a fingerprint of every file's stat key and the
   manifest checksum it gave, so an unchanged folder is recognised from one walk without
-  loading a row per file.
+  loading a row per file; and that walk with each file's digest, so a changed folder is
+  rebuilt from the files whose stat key changed.
 * ``pending_calls``: each ``quick_train`` call between the moment its code and inputs were
   pinned (a commit, checksums) and the creation of its task: its arguments and that identity,
   so :func:`~anylearn_sdk.resume_unfinished_local_train_tasks` finishes a call whose process
@@ -154,6 +155,11 @@ def m004_pending_calls(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m005_folder_walks(db: sqlite_utils.Database) -> None:
+    db["folder_manifests"].add_column("walk_z", bytes)
+
+
 @dataclass(frozen=True)
 class FolderManifest:
     fingerprint: str
@@ -235,6 +241,22 @@ class LocalStore:
             for r in rows
         }
 
+    def cached_hashes_of(self, paths: list[str]) -> dict[str, CachedHash]:
+        """The cache entries of these files (absolute paths), keyed by absolute path: for a
+        few files, cheaper than :meth:`cached_hashes` of their whole folder."""
+        found: dict[str, CachedHash] = {}
+        for i in range(0, len(paths), SQL_BATCH):
+            batch = paths[i : i + SQL_BATCH]
+            marks = ",".join("?" * len(batch))  # only "?" marks are formatted in
+            query = (
+                "select path, size, mtime_ns, inode, sha256, cached_at_ns from hash_cache "  # noqa: S608
+                f"where schema = ? and path in ({marks})"
+            )
+            rows = self.db.execute(query, [HASH_CACHE_SCHEMA, *batch])
+            for r in rows:
+                found[r[0]] = CachedHash(*r[1:])
+        return found
+
     def save_hashes(
         self, rows: Iterable[tuple[str, int, int, int, str]], cached_at_ns: int
     ) -> None:
@@ -276,14 +298,24 @@ class LocalStore:
         )
 
     def save_folder_manifest(
-        self, root: str, state: FolderManifest, entries_z: bytes | None = None
+        self,
+        root: str,
+        state: FolderManifest,
+        entries_z: bytes | None = None,
+        walk: bytes | None = None,
     ) -> None:
-        """Remember ``root``'s manifest; ``entries_z`` (zlib of its canonical JSON) lets the
-        next version be sent as a delta against this one."""
+        """Remember ``root``'s manifest; ``entries_z`` (zlib of its canonical JSON, for an
+        archive) or ``walk`` (the folder's walk with its digests, for a folder) lets the next
+        version be built from this one and sent as a delta against it."""
         with self._write():
             self.db["folder_manifests"].upsert(
-                {"root": root, **state.__dict__, "entries_z": entries_z}, pk="root"
+                {"root": root, **state.__dict__, "entries_z": entries_z, "walk_z": walk}, pk="root"
             )
+
+    def folder_walk(self, root: str) -> bytes | None:
+        """The ``walk`` saved with ``root``'s manifest, if any."""
+        rows = list(self.db.query("select walk_z from folder_manifests where root = ?", [root]))
+        return rows[0]["walk_z"] if rows else None
 
     def folder_entries(self, root: str) -> bytes | None:
         """The ``entries_z`` saved with ``root``'s manifest, if any."""

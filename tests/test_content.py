@@ -102,6 +102,33 @@ def test_old_unchanged_file_is_not_read_again(tmp_path):
     assert [e.to_json() for e in again.entries] == [e.to_json() for e in first.entries]
 
 
+def test_changed_folder_is_rebuilt_from_its_last_walk_with_the_delta(tmp_path):
+    """Only files whose stat key changed are read; the delta against the last version is
+    what changed (a touched file is not a change), and the checksum is the one a build from
+    scratch gives."""
+    store = LocalStore(tmp_path / "home")
+    data = tmp_path / "data"
+    for i in range(50):
+        write(data, f"d{i % 5}/f{i:02}.bin", bytes([i]) * (100 + i))
+    age(data)
+    first = build_manifest(data, store)
+    assert first.hashed_bytes == sum(100 + i for i in range(50)) and first.delta() is None
+    write(data, "d0/f00.bin", b"changed")
+    (data / "d1" / "f01.bin").touch()  # a new mtime, the same bytes
+    write(data, "d9/new.bin", b"added")
+    (data / "d2" / "f02.bin").unlink()
+    second = build_manifest(data, store)
+    assert second.hashed_bytes == len(b"changed") + 101 + len(b"added")
+    assert second.checksum == build_manifest(data, None).checksum != first.checksum
+    delta = second.delta()
+    assert delta is not None and delta.base_checksum == first.checksum
+    assert [(e.path, e.size) for e in delta.changes] == [("d0/f00.bin", 7), ("d9/new.bin", 5)]
+    assert delta.removed == ["d2/f02.bin"]
+    assert {e.sha256 for e in second.entries} == set(second.sizes())
+    source = second.sources[hashlib.sha256(b"added").hexdigest()]
+    assert source.read(0, 5) == b"added"
+
+
 @pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "read"])
 def test_parallel_hashing_matches_hashlib(tmp_path, monkeypatch, mapped):
     # Large files are hashed in windows (mapped, or read with ANYLEARN_HASH_MMAP=0); a small

@@ -16,6 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from anylearn_sdk import TaskState, add_quota_group, init_sdk, quick_train
+from anylearn_sdk.protocol import ManifestEntry, manifest_checksum
 from anylearn_sdk.server.db import MIGRATIONS, Base, make_engine
 from tests.conftest import FIXTURES, start_server, wait_for_log
 from tests.postgres import start_or_skip
@@ -95,6 +96,15 @@ def test_a_database_from_before_migrations_keeps_its_rows(tmp_path):
         assert [(d["id"], d["state"], d["file_count"]) for d in datasets] == [
             ("dset-3e917625b04bd8d7", "READY", 3)
         ]
+        # Its manifest, now kept as canonical bytes (migration 0005), still has its checksum.
+        one = requests.get(
+            f"{api}/datasets/{datasets[0]['id']}",
+            params={"manifest": True},
+            headers=headers,
+            timeout=30,
+        ).json()
+        entries = [ManifestEntry.from_json(e) for e in one["manifest"]]
+        assert len(entries) == 3 and manifest_checksum(entries) == one["checksum"]
         groups = requests.get(f"{api}/quota-groups", headers=headers, timeout=30).json()
         assert [g["name"] for g in groups] == ["default"]
         alice = requests.post(

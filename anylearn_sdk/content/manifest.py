@@ -6,16 +6,21 @@ Three layers keep a resubmit cheap, cheapest first:
    file) are hashed into one fingerprint; if it equals the one stored with the folder's last
    manifest checksum, and no file was modified within ``RACY_MARGIN_NS`` of that walk, the
    checksum is reused without loading a row per file. An unchanged folder costs one walk.
-2. **Per-file hash cache** (:mod:`anylearn_sdk.store`): a file whose (size, mtime_ns, inode)
-   match its entry is not read, provided its mtime is older than the start of the walk that
-   hashed it by at least ``RACY_MARGIN_NS`` (git's "racy" rule, with a margin for
+2. **The last walk** (stored with the folder's manifest): every file's stat key with its
+   digest. A file whose stat key is unchanged keeps its digest, provided its mtime is older than
+   the start of that walk by at least ``RACY_MARGIN_NS`` (git's "racy" rule, with a margin for
    filesystems whose clocks tick coarsely: FAT's 2 s, or the kernel's jiffy-based timestamps).
-3. **Parallel hashing** of the rest (:mod:`anylearn_sdk.content.hashing`).
+   Comparing the two walks also gives the delta against the last version directly, so one
+   changed file among 20,000 costs a set difference, not a manifest rebuilt and compared.
+3. **Per-file hash cache** (:mod:`anylearn_sdk.store`), for the files the last walk cannot
+   vouch for: same (size, mtime_ns, inode) and the same racy rule against the walk that hashed it.
+4. **Parallel hashing** of the rest (:mod:`anylearn_sdk.content.hashing`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import marshal
 import os
 import stat
@@ -38,6 +43,7 @@ from anylearn_sdk.progress import HASHING, SCANNING, ProgressCallback, SilentPro
 from anylearn_sdk.protocol import (
     ManifestEntry,
     canonical_manifest,
+    manifest_delta,
     normalize_mode,
     pack_canonical,
     unpack_entries,
@@ -53,6 +59,21 @@ RACY_MARGIN_NS = 2_000_000_000
 #: on an unchanged resubmit the walk is the whole cost, and an object per file would add a
 #: third to it (and ``marshal`` serializes only plain tuples).
 StatKey = tuple[str, int, int, int, int]
+#: A canonical manifest row: (path, size, mode, sha256), the form the checksum is taken of.
+Row = tuple[str, int, int, str]
+#: How many files the last walk may fail to vouch for before the whole hash cache of the
+#: folder is loaded at once instead of asked file by file.
+FEW_FILES = 2000
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What turns the version ``base_checksum`` into this manifest: entries added or changed,
+    and paths removed."""
+
+    base_checksum: str
+    changes: list[ManifestEntry]
+    removed: list[str]
 
 
 @dataclass
@@ -67,7 +88,7 @@ class Manifest:
         from_fingerprint: True when the checksum came from the folder fingerprint; the entries
             are then built (from the hash cache) only if something asks for them.
         base: the checksum and entries of this folder's previous manifest, when it changed
-            since; a new version is then registered as a delta against it.
+            since; a new version is then registered as a delta against it (see :meth:`delta`).
     """
 
     checksum: str
@@ -80,11 +101,17 @@ class Manifest:
     _sources: dict[str, Source] | None = field(default=None, repr=False)
     _load: Callable[[], Manifest] | None = field(default=None, repr=False)
     _canonical: bytes | None = field(default=None, repr=False)
+    #: Rows sorted by path, and the folder they are files of (entries and sources are built
+    #: from them only when asked for).
+    _rows: list[Row] | None = field(default=None, repr=False)
+    _root: str | None = field(default=None, repr=False)
+    _delta: Delta | None = field(default=None, repr=False)
 
     def _loaded(self) -> None:
-        if self._entries is None and self._load is not None:
+        if self._entries is None and self._rows is None and self._load is not None:
             full = self._load()
             self._entries, self._sources = full._entries, full._sources
+            self._rows, self._root = full._rows, full._root
             self.checksum = full.checksum  # equal unless the hash cache was edited by hand
             self.hashed_bytes += full.hashed_bytes
 
@@ -92,13 +119,48 @@ class Manifest:
     def entries(self) -> list[ManifestEntry]:
         """Entries sorted by path."""
         self._loaded()
+        if self._entries is None and self._rows is not None:
+            self._entries = [ManifestEntry(*row) for row in self._rows]
         return self._entries or []
 
     @property
     def sources(self) -> dict[str, Source]:
         """sha256 → one :class:`Source` holding those bytes."""
         self._loaded()
+        if self._sources is None and self._rows is not None and self._root is not None:
+            prefix, sources = self._root + os.sep, {}
+            for path, size, _, digest in self._rows:
+                if digest not in sources:
+                    sources[digest] = FileSource(prefix + path, size)
+            self._sources = sources
         return self._sources or {}
+
+    def sources_for(self, digests: list[str]) -> dict[str, Source]:
+        """:attr:`sources` of these digests only (one pass over the rows, no object per file
+        when a few are missing)."""
+        self._loaded()
+        if self._sources is not None or self._rows is None or self._root is None:
+            return {d: self.sources[d] for d in digests}
+        wanted, prefix, found = set(digests), self._root + os.sep, {}
+        for path, size, _, digest in self._rows:
+            if digest in wanted and digest not in found:
+                found[digest] = FileSource(prefix + path, size)
+        return found
+
+    def sizes(self) -> dict[str, int]:
+        """sha256 → size in bytes, of every object."""
+        self._loaded()
+        if self._rows is not None:
+            return {row[3]: row[1] for row in self._rows}
+        return {e.sha256: e.size for e in self.entries}
+
+    def delta(self) -> Delta | None:
+        """The delta against this folder's previous version, if it has one and changed."""
+        if self._delta is None and self.base is not None:
+            base_checksum, base_entries = self.base
+            changes, removed = manifest_delta(base_entries(), self.entries)
+            self._delta = Delta(base_checksum, changes, removed)
+        return self._delta
 
     def canonical(self) -> bytes:
         """The canonical manifest the checksum is the sha256 of (UTF-8 JSON)."""
@@ -158,64 +220,128 @@ def fingerprint(files: list[StatKey]) -> str:
     return hashlib.sha256(marshal.dumps(files, 4)).hexdigest()
 
 
-def _from_files(
+@dataclass(frozen=True)
+class LastWalk:
+    """The walk stored with a folder's manifest: its stat keys sorted by path, each file's
+    digest, the manifest's checksum, and when that walk began (``time.time_ns()``)."""
+
+    keys: list[StatKey]
+    digests: list[str]
+    checksum: str
+    started_ns: int
+
+    def dump(self) -> bytes:
+        return marshal.dumps((self.keys, self.digests), 4)
+
+    @classmethod
+    def load(cls, blob: bytes, checksum: str, started_ns: int) -> LastWalk | None:
+        """The walk in ``blob``; None if it cannot be read (another Python's ``marshal``
+        wrote it: the next build is only slower)."""
+        try:
+            # Our own bytes, in the user's own store (a folder of mode 0700), like the hash
+            # cache: nothing here runs, and a shape that does not fit is ignored.
+            keys, digests = marshal.loads(blob)  # noqa: S302
+        except (ValueError, EOFError, TypeError):
+            return None
+        if not (isinstance(keys, list) and isinstance(digests, list)) or len(keys) != len(digests):
+            return None
+        return cls(keys, digests, checksum, started_ns)
+
+
+def _from_walk(
     stat_keys: list[StatKey],
     store: LocalStore | None,
     root: Path,
     started_ns: int,
     progress: ProgressCallback,
     label: str,
-) -> Manifest:
-    """The full manifest: cached digests where the racy rule allows, hashing the rest."""
-    prefix = str(root) + os.sep
-    files = [ScannedFile(k[0], prefix + k[0], *k[1:]) for k in sorted(stat_keys)]
-    cache = store.cached_hashes(root) if store is not None else {}
-    digests: list[str] = []  # "" until hashed
+    last: LastWalk | None = None,
+) -> tuple[Manifest, LastWalk]:
+    """The full manifest and this walk: digests the last walk vouches for (unchanged stat key,
+    not racy), then the hash cache's, then hashing the rest; with the delta against the last
+    walk's version when there is one."""
+    keys = sorted(stat_keys)  # by path: paths are unique
+    trusted: dict[StatKey, str] = {}
+    if last is not None:
+        trusted = dict(zip(last.keys, last.digests, strict=True))
+    trust_before = (last.started_ns if last is not None else 0) - RACY_MARGIN_NS
+    digests: list[str] = []  # "" until found
     todo: list[int] = []
-    for i, f in enumerate(files):
-        cached = cache.get(f.abspath)
-        if (
-            cached is not None
-            and (cached.size, cached.mtime_ns, cached.inode) == (f.size, f.mtime_ns, f.inode)
-            and f.mtime_ns < cached.cached_at_ns - RACY_MARGIN_NS
-        ):
-            digests.append(cached.sha256)
+    for i, key in enumerate(keys):
+        digest = trusted.get(key)
+        if digest is not None and key[2] < trust_before:
+            digests.append(digest)
         else:
             digests.append("")
             todo.append(i)
-    hashed = sum(files[i].size for i in todo)
-    if todo:
+    prefix = str(root) + os.sep
+    if todo and store is not None:
+        if len(todo) <= FEW_FILES:
+            cache = store.cached_hashes_of([prefix + keys[i][0] for i in todo])
+        else:
+            cache = store.cached_hashes(root)
+        for i in todo:
+            path, size, mtime_ns, inode, _ = keys[i]
+            cached = cache.get(prefix + path)
+            if (
+                cached is not None
+                and (cached.size, cached.mtime_ns, cached.inode) == (size, mtime_ns, inode)
+                and mtime_ns < cached.cached_at_ns - RACY_MARGIN_NS
+            ):
+                digests[i] = cached.sha256
+    unknown = [i for i in todo if not digests[i]]
+    files = [ScannedFile(keys[i][0], prefix + keys[i][0], *keys[i][1:]) for i in unknown]
+    hashed = sum(f.size for f in files)
+    if files:
         phase = f"{HASHING} {label}"
         progress.phase_start(phase, hashed)
         try:
-            fresh = hash_files([files[i] for i in todo], lambda n: progress.advance(phase, n))
+            fresh = hash_files(files, lambda n: progress.advance(phase, n))
         finally:
             progress.phase_end(phase)
-        for i, d in zip(todo, fresh, strict=True):
-            digests[i] = d
+        for i, digest in zip(unknown, fresh, strict=True):
+            digests[i] = digest
         if store is not None:
             store.save_hashes(
                 [
-                    (files[i].abspath, files[i].size, files[i].mtime_ns, files[i].inode, d)
-                    for i, d in zip(todo, fresh, strict=True)
+                    (f.abspath, f.size, f.mtime_ns, f.inode, d)
+                    for f, d in zip(files, fresh, strict=True)
                 ],
                 cached_at_ns=started_ns,
             )
-    entries: list[ManifestEntry] = []
-    sources: dict[str, Source] = {}
-    for f, digest in zip(files, digests, strict=True):
-        entries.append(ManifestEntry(f.relpath, f.size, normalize_mode(f.mode), digest))
-        sources.setdefault(digest, FileSource(f.abspath, f.size))
-    canonical = canonical_manifest(entries)
-    return Manifest(
+    rows: list[Row] = [
+        (k[0], k[1], normalize_mode(k[4]), d) for k, d in zip(keys, digests, strict=True)
+    ]
+    canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    manifest = Manifest(
         hashlib.sha256(canonical).hexdigest(),
-        len(entries),
-        sum(e.size for e in entries),
+        len(rows),
+        sum(k[1] for k in keys),
         hashed,
-        _entries=entries,
-        _sources=sources,
         _canonical=canonical,
+        _rows=rows,
+        _root=str(root),
     )
+    if last is not None and last.checksum != manifest.checksum:
+        manifest._delta = _walk_delta(last, rows, todo)
+    return manifest, LastWalk(keys, digests, manifest.checksum, started_ns)
+
+
+def _walk_delta(last: LastWalk, rows: list[Row], todo: list[int]) -> Delta:
+    """The delta from the last walk's version to ``rows``: only files whose stat key changed
+    (``todo``) can differ from it, and paths it had that ``rows`` lacks are removed."""
+    before = {key[0]: i for i, key in enumerate(last.keys)}
+    changes = []
+    for i in todo:
+        row = rows[i]
+        j = before.get(row[0])
+        if j is not None:
+            _, size, _, _, st_mode = last.keys[j]
+            if (size, normalize_mode(st_mode), last.digests[j]) == row[1:]:
+                continue  # touched, not changed
+        changes.append(ManifestEntry(*row))
+    removed = sorted(before.keys() - {row[0] for row in rows})
+    return Delta(last.checksum, changes, removed)
 
 
 def build_manifest(
@@ -228,8 +354,8 @@ def build_manifest(
 
     Args:
         root: the dataset or model folder.
-        store: the local store holding the caches (updated here), or None to hash everything
-            and remember nothing (a scratch folder).
+        store: the local store holding the caches and the last walk (updated here), or None
+            to hash everything and remember nothing (a scratch folder).
         progress: told of the ``scanning`` (files) and ``hashing`` (bytes) phases.
         label: names the folder in progress phases (default: its name).
 
@@ -249,15 +375,47 @@ def build_manifest(
     finally:
         progress.phase_end(phase)
     if store is None:
-        return _from_files(files, None, root, started_ns, progress, label)
-    return remembered(
-        store,
-        str(root),
-        fingerprint(files),
+        return _from_walk(files, None, root, started_ns, progress, label)[0]
+    key, print_ = str(root), fingerprint(files)
+    known = store.folder_manifest(key)
+    if (
+        known is not None
+        and known.fingerprint == print_
+        and known.max_mtime_ns < known.cached_at_ns - RACY_MARGIN_NS
+    ):
+        return Manifest(
+            known.checksum,
+            known.file_count,
+            known.total_bytes,
+            from_fingerprint=True,
+            _load=lambda: _from_walk(
+                files, store, root, started_ns, progress, label, _last_walk(store, key, known)
+            )[0],
+        )
+    manifest, walk = _from_walk(
+        files, store, root, started_ns, progress, label, _last_walk(store, key, known)
+    )
+    if manifest._delta is None and known is not None and known.checksum != manifest.checksum:
+        previous = store.folder_entries(key)  # kept by a store from before walks were kept
+        if previous:
+            manifest.base = (known.checksum, lambda: unpack_entries(previous))
+    state = FolderManifest(
+        print_,
+        manifest.checksum,
+        manifest.file_count,
+        manifest.total_bytes,
         max(map(itemgetter(2), files), default=0),
         started_ns,
-        lambda: _from_files(files, store, root, started_ns, progress, label),
     )
+    store.save_folder_manifest(key, state, walk=walk.dump())
+    return manifest
+
+
+def _last_walk(store: LocalStore, key: str, known: FolderManifest | None) -> LastWalk | None:
+    if known is None:
+        return None
+    blob = store.folder_walk(key)
+    return LastWalk.load(blob, known.checksum, known.cached_at_ns) if blob else None
 
 
 def remembered(

@@ -26,7 +26,6 @@ from anylearn_sdk.errors import (
     ResourceError,
 )
 from anylearn_sdk.progress import UPLOADING, VERIFYING, ProgressCallback
-from anylearn_sdk.protocol import manifest_delta
 from anylearn_sdk.resources.ids import resolve_id
 from anylearn_sdk.resources.upload import UploadRun, plan_units, upload_streams
 from anylearn_sdk.session import SdkContext, get_context
@@ -252,9 +251,9 @@ def start_sync(
             f"{kind} {name!r}: every file already on the server ({version.id}); uploaded 0 bytes"
         )
         return PendingUpload(version, None)
-    sizes = {e.sha256: e.size for e in manifest.entries}
+    sizes = manifest.sizes()
     streams = upload_streams()
-    units = plan_units(version.id, missing, sizes, manifest.sources, streams)
+    units = plan_units(version.id, missing, sizes, manifest.sources_for(missing), streams)
     total = sum(u.body.length for u in units)
     progress.message(
         f"{kind} {name!r}: uploading {len(missing)} of {manifest.file_count} files "
@@ -292,18 +291,17 @@ def _register(
     """
     path, answer = f"/{PLURALS[kind]}", class_for(kind)
     common = {"name": name, "checksum": manifest.checksum, "project_id": project_id}
-    if manifest.base is not None:
-        base_checksum, base_entries = manifest.base
-        changes, removed = manifest_delta(base_entries(), manifest.entries)
-        delta = NewResource.model_construct(
+    delta = manifest.delta()
+    if delta is not None:
+        body = NewResource.model_construct(
             **common,
-            base_checksum=base_checksum,
-            changes=[e.to_json() for e in changes],
-            removed=removed,
+            base_checksum=delta.base_checksum,
+            changes=[e.to_json() for e in delta.changes],
+            removed=delta.removed,
             manifest=None,
         )
         try:
-            return ctx.api.call("POST", path, answer, delta)
+            return ctx.api.call("POST", path, answer, body)
         except ConflictError:
             pass  # the server lost the base version: send the whole manifest
     whole = NewResource.model_construct(

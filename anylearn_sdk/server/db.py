@@ -21,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -33,6 +34,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from anylearn_sdk.protocol import ManifestEntry
 from anylearn_sdk.states import UploadState
 
 
@@ -132,13 +134,23 @@ class Resource(Base):
     name: Mapped[str] = mapped_column(String(200))
     checksum: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16))
-    #: Loaded only when used: a 20,000-file manifest is megabytes of JSON, and most requests
-    #: (a state poll, a checksum lookup) never look at it.
-    manifest: Mapped[list[Any]] = mapped_column(JSON, deferred=True)
+    #: The canonical manifest (:func:`anylearn_sdk.protocol.canonical_rows`), whose sha256 is
+    #: ``checksum``. Loaded only when used: a 20,000-file manifest is megabytes, and most
+    #: requests (a state poll, a checksum lookup) never look at it. Nullable in the schema only
+    #: because SQLite cannot add a NOT NULL column to a filled table in place (migration 0005).
+    canonical: Mapped[bytes] = mapped_column(LargeBinary, nullable=True, deferred=True)
     file_count: Mapped[int] = mapped_column(Integer)
     total_bytes: Mapped[int] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def rows(self) -> list[list]:
+        """The manifest's rows, ``[path, size, mode, sha256]`` sorted by path."""
+        return json.loads(self.canonical)
+
+    def entries(self) -> list[ManifestEntry]:
+        """The manifest's entries, sorted by path."""
+        return [ManifestEntry(*row) for row in self.rows()]
 
 
 class MissingObject(Base):

@@ -259,7 +259,7 @@ class Workspace(Preparer):
             # One layout at a time: a tree is moved only while no task can be looking at it.
             with self._layout_lock:
                 if not dest.exists():
-                    entries = [ManifestEntry.from_json(e) for e in res.manifest]
+                    entries = res.entries()
                     base = self._laid_out_base(session, res)
                     # A base that no queued or running task mounts is moved, not copied.
                     unused = base is not None and not users_of(session, res.kind, base[2])
@@ -288,5 +288,5 @@ class Workspace(Preparer):
         for other in earlier:
             tree = self.materialized_root / other.id
             if tree.is_dir():
-                return tree, [ManifestEntry.from_json(e) for e in other.manifest], other.id
+                return tree, other.entries(), other.id
         return None

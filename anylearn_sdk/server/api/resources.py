@@ -8,6 +8,7 @@ manifest is in the verified object store; a pack that fails verification makes i
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterable
 
@@ -20,9 +21,8 @@ from sqlalchemy.orm import Session
 
 from anylearn_sdk.protocol import (
     SHA256_HEX,
-    ManifestEntry,
     apply_delta,
-    manifest_checksum,
+    canonical_rows,
     validate_manifest,
 )
 from anylearn_sdk.server.api.accounts import owned_project
@@ -98,7 +98,7 @@ def resource_record(
         error=res.error,
         created_at=res.created_at,
         missing=missing,
-        manifest=res.manifest if manifest else None,
+        manifest=[e.to_json() for e in res.entries()] if manifest else None,
     )
 
 
@@ -127,10 +127,6 @@ def owned_resource(session: Session, user: User, kind: str, resource_id: str) ->
     ):
         raise not_found(kind, resource_id)
     return res
-
-
-def manifest_of(res: Resource) -> list[ManifestEntry]:
-    return [ManifestEntry.from_json(e) for e in res.manifest]
 
 
 def missing_for(
@@ -224,9 +220,9 @@ def live_version(session: Session, user: User, kind: str, checksum: str) -> Reso
 
 def _full_manifest(
     session: Session, user: User, kind: str, body: NewResource
-) -> tuple[list[ManifestEntry], list[str] | None]:
-    """The manifest the request describes, checked and sorted, applying a delta to its base
-    version; and the digests whose presence must be asked (None: all of them).
+) -> tuple[list, list[str] | None]:
+    """The manifest the request describes, checked, as rows sorted by path (applying a delta
+    to its base version); and the digests whose presence must be asked (None: all of them).
 
     A delta against a READY base checks only what changed: the base's entries were checked
     when it was registered, and its owner owns every object of it.
@@ -238,12 +234,12 @@ def _full_manifest(
     if body.base_checksum is None:
         if body.manifest is None:
             raise bad_request("give manifest, or base_checksum with changes and removed")
-        return validate_manifest(body.manifest), None
+        return [[e.path, e.size, e.mode, e.sha256] for e in validate_manifest(body.manifest)], None
     base = live_version(session, user, kind, body.base_checksum)
     if base is None:
         raise conflict(f"base {kind} {body.base_checksum} not found; send it whole")
     changes = validate_manifest(body.changes)  # malformed entries: a 400 naming the entry
-    merged = apply_delta(manifest_of(base), changes, body.removed)
+    merged = apply_delta(base.rows(), changes, body.removed)
     if base.state != ResourceState.READY:
         return merged, None
     return merged, [e.sha256 for e in changes]
@@ -255,22 +251,24 @@ def new_version(
     user: User,
     project: Project,
     name: str,
-    checksum: str,
-    entries: list[ManifestEntry],
+    rows: list,
+    canonical: bytes | None = None,
     state: ResourceState = ResourceState.UPLOADING,
 ) -> Resource:
-    """Add a version of ``kind``: ``entries`` and their already checked ``checksum``."""
+    """Add a version of ``kind`` with the manifest ``rows`` (checked, sorted by path) and
+    their canonical form if already made (:func:`~anylearn_sdk.protocol.canonical_rows`)."""
+    canonical = canonical if canonical is not None else canonical_rows(rows)
     res = Resource(
         id=new_id(KINDS[kind][1]),
         kind=kind,
         owner_id=user.id,
         project_id=project.id,
         name=name,
-        checksum=checksum,
+        checksum=hashlib.sha256(canonical).hexdigest(),
         state=state,
-        manifest=[e.to_json() for e in entries],
-        file_count=len(entries),
-        total_bytes=sum(e.size for e in entries),
+        canonical=canonical,
+        file_count=len(rows),
+        total_bytes=sum(row[1] for row in rows),
     )
     session.add(res)
     return res
@@ -319,19 +317,20 @@ def make_router(kind: str) -> APIRouter:
         digests of the objects to upload.
         """
         try:
-            entries, to_check = _full_manifest(session, user, kind, body)
+            rows, to_check = _full_manifest(session, user, kind, body)
         except ValueError as err:
             raise bad_request(str(err)) from err
-        if manifest_checksum(entries) != body.checksum:
+        canonical = canonical_rows(rows)
+        if hashlib.sha256(canonical).hexdigest() != body.checksum:
             raise bad_request(f"checksum {body.checksum} does not match the manifest")
         project = owned_project(session, user, body.project_id)
         res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:
-            res = new_version(session, kind, user, project, body.name, body.checksum, entries)
+            res = new_version(session, kind, user, project, body.name, rows, canonical)
             response.status_code = 201
             if to_check is None:
-                to_check = [e.sha256 for e in entries]
+                to_check = [row[3] for row in rows]
             missing = missing_for(session, ctx.objects, user.id, to_check)
             session.flush()
             track_missing(session, res, missing)

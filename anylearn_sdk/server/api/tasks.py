@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
@@ -17,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from anylearn_sdk.protocol import check_relative_path, manifest_checksum
+from anylearn_sdk.protocol import canonical_rows, check_relative_path
 from anylearn_sdk.server import gitrepos, records
 from anylearn_sdk.server.api.accounts import owned_project
 from anylearn_sdk.server.api.algorithms import owned_algorithm
@@ -446,13 +447,14 @@ def register_model(
         entries, skipped = ctx.objects.store_tree(output)
     except ValueError as err:
         raise bad_request(f"results of task {task.id}: {err}") from err
-    checksum = manifest_checksum(entries)
-    model = live_version(session, user, "model", checksum)
+    rows = [[e.path, e.size, e.mode, e.sha256] for e in sorted(entries)]
+    canonical = canonical_rows(rows)
+    model = live_version(session, user, "model", hashlib.sha256(canonical).hexdigest())
     response.status_code = 200
     if model is None:
         name = body.name or task.name
         model = new_version(
-            session, "model", user, project, name, checksum, entries, ResourceState.READY
+            session, "model", user, project, name, rows, canonical, ResourceState.READY
         )
         response.status_code = 201
     add_refs(session, user.id, (e.sha256 for e in entries))

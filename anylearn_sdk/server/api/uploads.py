@@ -172,7 +172,7 @@ def _check_kind(res: Resource, metadata: dict[str, str], length: int) -> None:
         raise _tus_error(400, f"Upload-Metadata kind must be one of {', '.join(KINDS)}")
     if kind == "object":
         sha256 = metadata.get("sha256", "")
-        sizes = {e["sha256"]: e["size"] for e in res.manifest}
+        sizes = {row[3]: row[1] for row in res.rows()}
         if sha256 not in sizes:
             raise _tus_error(400, f"object {sha256!r} is not in the manifest of {res.id}")
         if sizes[sha256] != length:
@@ -366,7 +366,7 @@ def manifest_sizes(ctx: ServerContext, resource_id: str) -> dict[str, int]:
     if sizes is None:
         with ctx.sessions() as session:
             res = session.get(Resource, resource_id)
-            sizes = {e["sha256"]: e["size"] for e in (res.manifest if res else [])}
+            sizes = {row[3]: row[1] for row in (res.rows() if res else [])}
         with _hashers_lock:
             _manifest_sizes[resource_id] = sizes
             while len(_manifest_sizes) > MANIFESTS_KEPT:
