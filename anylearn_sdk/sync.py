@@ -205,7 +205,9 @@ def preview_dataset(
         body = DigestList.model_construct(digests=digests)  # our own digests: no revalidation
         missing = ctx.api.call("POST", "/objects/missing", MissingObjects, body).missing
     sizes = {e.sha256: e.size for e in entries}
-    units = plan_units("preview", missing, sizes, manifest.sources, upload_streams())
+    units = plan_units(
+        "preview", missing, sizes, manifest.sources, upload_streams(), manifest.total_bytes
+    )
     lacking = set(missing)
     return Preview(
         root=str(archive or folder),

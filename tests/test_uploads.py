@@ -18,6 +18,7 @@ from anylearn_sdk import preview_dataset, sync_dataset
 from anylearn_sdk.cli.main import cli
 from anylearn_sdk.client.tus import TUS_VERSION, TusClient, encode_metadata
 from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.protocol import ManifestEntry, manifest_checksum
 from anylearn_sdk.resources import upload
 from anylearn_sdk.resources.upload import SliceBody
 from anylearn_sdk.session import get_context, init_sdk
@@ -295,4 +296,50 @@ def test_malformed_delta_is_a_clear_400(user, tmp_path):
     )
     assert response.status_code == 400
     assert "needs path, size, mode and sha256" in response.json()["error"]["message"]
+    assert ctx.api.get_json("/datasets") == before
+
+
+def test_a_delta_is_spliced_or_applied_and_checked_against_its_base(user, tmp_path):
+    """Deltas against a READY version: changes and removals (spliced into its canonical
+    bytes) and additions (applied to its rows) give the manifest the checksum names, ask only
+    for the changed objects, and a delta that does not fit its base is a 400 creating nothing."""
+    data = make_folder(tmp_path / "data", small=5)
+    base = sync_dataset(data, progress=False, resource_polling=0.1)
+    ctx = get_context()
+    entries = {e.path: e for e in build_manifest(data, None).entries}
+    new = ManifestEntry("s001.bin", 4, 0o755, hashlib.sha256(b"new!").hexdigest())
+    added = ManifestEntry("sub/added.bin", 3, 0o644, hashlib.sha256(b"add").hexdigest())
+
+    def post(changes, removed, expect):
+        body = {
+            "name": "d",
+            "checksum": manifest_checksum(expect),
+            "base_checksum": base.checksum,
+            "changes": [e.to_json() for e in changes],
+            "removed": removed,
+        }
+        return ctx.api.request("POST", "/datasets", json=body, check=False)
+
+    for changes, removed in (([new], ["s003.bin"]), ([new, added], ["s003.bin"])):
+        expect = [e for p, e in entries.items() if p not in ("s001.bin", "s003.bin")] + changes
+        reply = post(changes, removed, expect)
+        assert reply.status_code == 201, reply.text
+        version = reply.json()
+        assert sorted(version["missing"]) == sorted(e.sha256 for e in changes)
+        assert (version["file_count"], version["total_bytes"]) == (
+            len(expect),
+            sum(e.size for e in expect),
+        )
+        stored = ctx.api.get_json(f"/datasets/{version['id']}", params={"manifest": True})
+        assert stored["manifest"] == [e.to_json() for e in sorted(expect)]
+    before = ctx.api.get_json("/datasets")
+    for changes, removed, message in (
+        ([], ["nope.bin"], "removed path 'nope.bin' is not in the base manifest"),
+        ([new], ["s001.bin"], "a path is both changed and removed"),
+        ([ManifestEntry("s000.bin/x", 1, 0o644, new.sha256)], [], "is both a file and a folder"),
+    ):
+        reply = post(changes, removed, list(entries.values()))
+        assert reply.status_code == 400 and message in reply.json()["error"]["message"]
+    wrong = post([new], [], list(entries.values()))  # the checksum of another manifest
+    assert wrong.status_code == 400 and "does not match" in wrong.json()["error"]["message"]
     assert ctx.api.get_json("/datasets") == before

@@ -27,7 +27,8 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, ne
 from pathlib import Path
 
 from anylearn_sdk.content.hashing import ScannedFile, hash_files
@@ -43,9 +44,11 @@ from anylearn_sdk.progress import HASHING, SCANNING, ProgressCallback, SilentPro
 from anylearn_sdk.protocol import (
     ManifestEntry,
     canonical_manifest,
+    canonical_rows,
     manifest_delta,
     normalize_mode,
     pack_canonical,
+    splice_manifest,
     unpack_entries,
 )
 from anylearn_sdk.store import FolderManifest, LocalStore
@@ -101,58 +104,84 @@ class Manifest:
     _sources: dict[str, Source] | None = field(default=None, repr=False)
     _load: Callable[[], Manifest] | None = field(default=None, repr=False)
     _canonical: bytes | None = field(default=None, repr=False)
-    #: Rows sorted by path, and the folder they are files of (entries and sources are built
-    #: from them only when asked for).
-    _rows: list[Row] | None = field(default=None, repr=False)
+    #: Rows ``[path, size, mode, sha256]`` sorted by path (parsed from the canonical bytes
+    #: when first asked for), and the folder they are files of.
+    _rows: list | None = field(default=None, repr=False)
     _root: str | None = field(default=None, repr=False)
     _delta: Delta | None = field(default=None, repr=False)
 
     def _loaded(self) -> None:
-        if self._entries is None and self._rows is None and self._load is not None:
+        if (
+            self._entries is None
+            and self._rows is None
+            and self._canonical is None
+            and self._load is not None
+        ):
             full = self._load()
             self._entries, self._sources = full._entries, full._sources
-            self._rows, self._root = full._rows, full._root
+            self._rows, self._root, self._canonical = full._rows, full._root, full._canonical
             self.checksum = full.checksum  # equal unless the hash cache was edited by hand
             self.hashed_bytes += full.hashed_bytes
+
+    def _row_list(self) -> list | None:
+        self._loaded()
+        if self._rows is None and self._entries is None and self._canonical is not None:
+            self._rows = json.loads(self._canonical)
+        return self._rows
 
     @property
     def entries(self) -> list[ManifestEntry]:
         """Entries sorted by path."""
-        self._loaded()
-        if self._entries is None and self._rows is not None:
-            self._entries = [ManifestEntry(*row) for row in self._rows]
+        rows = self._row_list()
+        if self._entries is None and rows is not None:
+            self._entries = [ManifestEntry(*row) for row in rows]
         return self._entries or []
 
     @property
     def sources(self) -> dict[str, Source]:
         """sha256 → one :class:`Source` holding those bytes."""
-        self._loaded()
-        if self._sources is None and self._rows is not None and self._root is not None:
+        rows = self._row_list()
+        if self._sources is None and rows is not None and self._root is not None:
             prefix, sources = self._root + os.sep, {}
-            for path, size, _, digest in self._rows:
+            for path, size, _, digest in rows:
                 if digest not in sources:
                     sources[digest] = FileSource(prefix + path, size)
             self._sources = sources
         return self._sources or {}
 
+    def _changed(self, digests: list[str]) -> list[ManifestEntry] | None:
+        """The delta's entries holding ``digests``, if it holds all of them (a version
+        registered as a delta against a READY one lacks only objects of its changes)."""
+        if self._delta is None or self._root is None or self._sources is not None:
+            return None
+        wanted = set(digests)
+        changed = [e for e in self._delta.changes if e.sha256 in wanted]
+        return changed if wanted <= {e.sha256 for e in changed} else None
+
     def sources_for(self, digests: list[str]) -> dict[str, Source]:
-        """:attr:`sources` of these digests only (one pass over the rows, no object per file
-        when a few are missing)."""
-        self._loaded()
-        if self._sources is not None or self._rows is None or self._root is None:
+        """:attr:`sources` of these digests only (no object per file when a few are missing)."""
+        changed = self._changed(digests)
+        if changed is not None and self._root is not None:
+            return {e.sha256: FileSource(self._root + os.sep + e.path, e.size) for e in changed}
+        rows = self._row_list()
+        if self._sources is not None or rows is None or self._root is None:
             return {d: self.sources[d] for d in digests}
         wanted, prefix, found = set(digests), self._root + os.sep, {}
-        for path, size, _, digest in self._rows:
+        for path, size, _, digest in rows:
             if digest in wanted and digest not in found:
                 found[digest] = FileSource(prefix + path, size)
         return found
 
-    def sizes(self) -> dict[str, int]:
-        """sha256 → size in bytes, of every object."""
-        self._loaded()
-        if self._rows is not None:
-            return {row[3]: row[1] for row in self._rows}
-        return {e.sha256: e.size for e in self.entries}
+    def sizes_for(self, digests: list[str]) -> dict[str, int]:
+        """sha256 → size in bytes, of these objects."""
+        changed = self._changed(digests)
+        if changed is not None:
+            return {e.sha256: e.size for e in changed}
+        rows = self._row_list()
+        if rows is not None:
+            wanted = set(digests)
+            return {row[3]: row[1] for row in rows if row[3] in wanted}
+        return {e.sha256: e.size for e in self.entries if e.sha256 in set(digests)}
 
     def delta(self) -> Delta | None:
         """The delta against this folder's previous version, if it has one and changed."""
@@ -222,30 +251,36 @@ def fingerprint(files: list[StatKey]) -> str:
 
 @dataclass(frozen=True)
 class LastWalk:
-    """The walk stored with a folder's manifest: its stat keys sorted by path, each file's
-    digest, the manifest's checksum, and when that walk began (``time.time_ns()``)."""
+    """The walk stored with a folder's manifest: its stat keys in walk order, the canonical
+    manifest they gave, when that walk began (``time.time_ns()``) and its newest mtime."""
 
     keys: list[StatKey]
-    digests: list[str]
+    canonical: bytes
     checksum: str
     started_ns: int
+    max_mtime_ns: int = 0
 
     def dump(self) -> bytes:
-        return marshal.dumps((self.keys, self.digests), 4)
+        return marshal.dumps((self.keys, self.canonical), 4)
 
     @classmethod
-    def load(cls, blob: bytes, checksum: str, started_ns: int) -> LastWalk | None:
+    def load(
+        cls, blob: bytes, checksum: str, started_ns: int, max_mtime_ns: int
+    ) -> LastWalk | None:
         """The walk in ``blob``; None if it cannot be read (another Python's ``marshal``
         wrote it: the next build is only slower)."""
         try:
             # Our own bytes, in the user's own store (a folder of mode 0700), like the hash
             # cache: nothing here runs, and a shape that does not fit is ignored.
-            keys, digests = marshal.loads(blob)  # noqa: S302
+            keys, canonical = marshal.loads(blob)  # noqa: S302
         except (ValueError, EOFError, TypeError):
             return None
-        if not (isinstance(keys, list) and isinstance(digests, list)) or len(keys) != len(digests):
+        if not (isinstance(keys, list) and isinstance(canonical, bytes)):
             return None
-        return cls(keys, digests, checksum, started_ns)
+        return cls(keys, canonical, checksum, started_ns, max_mtime_ns)
+
+    def rows(self) -> list[list]:
+        return json.loads(self.canonical)
 
 
 def _from_walk(
@@ -257,40 +292,128 @@ def _from_walk(
     label: str,
     last: LastWalk | None = None,
 ) -> tuple[Manifest, LastWalk]:
-    """The full manifest and this walk: digests the last walk vouches for (unchanged stat key,
-    not racy), then the hash cache's, then hashing the rest; with the delta against the last
-    walk's version when there is one."""
-    keys = sorted(stat_keys)  # by path: paths are unique
-    trusted: dict[StatKey, str] = {}
+    """The full manifest and this walk: rows the last walk vouches for (unchanged stat key,
+    not racy), then digests from the hash cache, then hashing the rest; with the delta
+    against the last walk's version when there is one.
+
+    When no file was added since the last walk, the files whose stat key changed are found
+    by comparing the two walks in C, and their rows are spliced into the last canonical
+    manifest (:func:`~anylearn_sdk.protocol.splice_manifest`): no row is built for the files
+    that did not change.
+    """
+    max_mtime_ns = max(map(itemgetter(2), stat_keys), default=0)
     if last is not None:
-        trusted = dict(zip(last.keys, last.digests, strict=True))
-    trust_before = (last.started_ns if last is not None else 0) - RACY_MARGIN_NS
-    digests: list[str] = []  # "" until found
-    todo: list[int] = []
-    for i, key in enumerate(keys):
-        digest = trusted.get(key)
-        if digest is not None and key[2] < trust_before:
-            digests.append(digest)
-        else:
-            digests.append("")
-            todo.append(i)
+        found = _spliced(stat_keys, max_mtime_ns, last, store, root, started_ns, progress, label)
+        if found is not None:
+            return found
+    keys = sorted(stat_keys)  # by path: paths are unique
+    rows: list = [None] * len(keys)
+    todo = list(range(len(keys)))
+    if last is not None:
+        trust_before = last.started_ns - RACY_MARGIN_NS
+        known, by_path = set(last.keys), {row[0]: row for row in last.rows()}
+        rows = [by_path[k[0]] if k in known and k[2] < trust_before else None for k in keys]
+        todo = [i for i, row in enumerate(rows) if row is None]
+    digests, hashed = _digests_of([keys[i] for i in todo], store, root, started_ns, progress, label)
+    for i in todo:
+        path, size, _, _, st_mode = keys[i]
+        rows[i] = [path, size, normalize_mode(st_mode), digests[path]]
+    canonical = canonical_rows(rows)
+    manifest = Manifest(
+        hashlib.sha256(canonical).hexdigest(),
+        len(rows),
+        sum(map(itemgetter(1), keys)),
+        hashed,
+        _canonical=canonical,
+        _rows=rows,
+        _root=str(root),
+    )
+    if last is not None and last.checksum != manifest.checksum:
+        before = {row[0]: row for row in last.rows()}
+        changes = [ManifestEntry(*rows[i]) for i in todo if before.get(rows[i][0]) != rows[i]]
+        removed = sorted(before.keys() - {k[0] for k in keys})
+        manifest._delta = Delta(last.checksum, changes, removed)
+    return manifest, LastWalk(stat_keys, canonical, manifest.checksum, started_ns, max_mtime_ns)
+
+
+def _spliced(
+    keys: list[StatKey],
+    max_mtime_ns: int,
+    last: LastWalk,
+    store: LocalStore | None,
+    root: Path,
+    started_ns: int,
+    progress: ProgressCallback,
+    label: str,
+) -> tuple[Manifest, LastWalk] | None:
+    """:func:`_from_walk` for a folder with no file added since ``last``: the changed and
+    removed files' rows spliced into its canonical manifest. None if a file was added."""
+    if len(keys) == len(last.keys):
+        # Same count: compare the walks index by index (in C); if every differing index
+        # keeps its path, no file was added or removed.
+        differ = list(compress(range(len(keys)), map(ne, keys, last.keys)))
+        if any(keys[i][0] != last.keys[i][0] for i in differ):
+            return None
+        removed: list[str] = []
+        changed = [keys[i] for i in differ]
+    else:
+        paths = {k[0] for k in last.keys}
+        changed = list(set(keys).difference(last.keys))
+        if any(k[0] not in paths for k in changed):
+            return None  # an added file: its place is found by a rebuild
+        removed = sorted(paths.difference(k[0] for k in keys))
+    trust_before = last.started_ns - RACY_MARGIN_NS
+    if last.max_mtime_ns >= trust_before:
+        # Files modified near the last walk are not vouched for by it (the racy rule); a file
+        # whose stat key is unchanged has the mtime it had then, so none is if none was.
+        changed = list({*changed, *(k for k in keys if k[2] >= trust_before)})
+    digests, hashed = _digests_of(changed, store, root, started_ns, progress, label)
+    rows = {k[0]: [k[0], k[1], normalize_mode(k[4]), digests[k[0]]] for k in changed}
+    spliced = splice_manifest(last.canonical, {**rows, **dict.fromkeys(removed)})
+    if spliced is None:  # pragma: no cover - every path came from the last walk
+        return None
+    canonical, before = spliced
+    checksum = hashlib.sha256(canonical).hexdigest()
+    manifest = Manifest(
+        checksum,
+        len(keys),
+        sum(map(itemgetter(1), keys)),
+        hashed,
+        _canonical=canonical,
+        _root=str(root),
+    )
+    if checksum != last.checksum:
+        changes = sorted(ManifestEntry(*row) for path, row in rows.items() if before[path] != row)
+        manifest._delta = Delta(last.checksum, changes, removed)
+    return manifest, LastWalk(keys, canonical, checksum, started_ns, max_mtime_ns)
+
+
+def _digests_of(
+    keys: list[StatKey],
+    store: LocalStore | None,
+    root: Path,
+    started_ns: int,
+    progress: ProgressCallback,
+    label: str,
+) -> tuple[dict[str, str], int]:
+    """relpath → sha256 of these files, from the hash cache where its entry holds (same size,
+    mtime and inode, not racy), else hashed (and cached); and the bytes hashed."""
     prefix = str(root) + os.sep
-    if todo and store is not None:
-        if len(todo) <= FEW_FILES:
-            cache = store.cached_hashes_of([prefix + keys[i][0] for i in todo])
+    found: dict[str, str] = {}
+    if keys and store is not None:
+        if len(keys) <= FEW_FILES:
+            cache = store.cached_hashes_of([prefix + k[0] for k in keys])
         else:
             cache = store.cached_hashes(root)
-        for i in todo:
-            path, size, mtime_ns, inode, _ = keys[i]
+        for path, size, mtime_ns, inode, _ in keys:
             cached = cache.get(prefix + path)
             if (
                 cached is not None
                 and (cached.size, cached.mtime_ns, cached.inode) == (size, mtime_ns, inode)
                 and mtime_ns < cached.cached_at_ns - RACY_MARGIN_NS
             ):
-                digests[i] = cached.sha256
-    unknown = [i for i in todo if not digests[i]]
-    files = [ScannedFile(keys[i][0], prefix + keys[i][0], *keys[i][1:]) for i in unknown]
+                found[path] = cached.sha256
+    files = [ScannedFile(k[0], prefix + k[0], *k[1:]) for k in keys if k[0] not in found]
     hashed = sum(f.size for f in files)
     if files:
         phase = f"{HASHING} {label}"
@@ -299,8 +422,7 @@ def _from_walk(
             fresh = hash_files(files, lambda n: progress.advance(phase, n))
         finally:
             progress.phase_end(phase)
-        for i, digest in zip(unknown, fresh, strict=True):
-            digests[i] = digest
+        found.update((f.relpath, d) for f, d in zip(files, fresh, strict=True))
         if store is not None:
             store.save_hashes(
                 [
@@ -309,39 +431,7 @@ def _from_walk(
                 ],
                 cached_at_ns=started_ns,
             )
-    rows: list[Row] = [
-        (k[0], k[1], normalize_mode(k[4]), d) for k, d in zip(keys, digests, strict=True)
-    ]
-    canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    manifest = Manifest(
-        hashlib.sha256(canonical).hexdigest(),
-        len(rows),
-        sum(k[1] for k in keys),
-        hashed,
-        _canonical=canonical,
-        _rows=rows,
-        _root=str(root),
-    )
-    if last is not None and last.checksum != manifest.checksum:
-        manifest._delta = _walk_delta(last, rows, todo)
-    return manifest, LastWalk(keys, digests, manifest.checksum, started_ns)
-
-
-def _walk_delta(last: LastWalk, rows: list[Row], todo: list[int]) -> Delta:
-    """The delta from the last walk's version to ``rows``: only files whose stat key changed
-    (``todo``) can differ from it, and paths it had that ``rows`` lacks are removed."""
-    before = {key[0]: i for i, key in enumerate(last.keys)}
-    changes = []
-    for i in todo:
-        row = rows[i]
-        j = before.get(row[0])
-        if j is not None:
-            _, size, _, _, st_mode = last.keys[j]
-            if (size, normalize_mode(st_mode), last.digests[j]) == row[1:]:
-                continue  # touched, not changed
-        changes.append(ManifestEntry(*row))
-    removed = sorted(before.keys() - {row[0] for row in rows})
-    return Delta(last.checksum, changes, removed)
+    return found, hashed
 
 
 def build_manifest(
@@ -415,7 +505,9 @@ def _last_walk(store: LocalStore, key: str, known: FolderManifest | None) -> Las
     if known is None:
         return None
     blob = store.folder_walk(key)
-    return LastWalk.load(blob, known.checksum, known.cached_at_ns) if blob else None
+    if not blob:
+        return None
+    return LastWalk.load(blob, known.checksum, known.cached_at_ns, known.max_mtime_ns)
 
 
 def remembered(

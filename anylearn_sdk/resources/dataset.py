@@ -251,9 +251,10 @@ def start_sync(
             f"{kind} {name!r}: every file already on the server ({version.id}); uploaded 0 bytes"
         )
         return PendingUpload(version, None)
-    sizes = manifest.sizes()
+    sizes = manifest.sizes_for(missing)
     streams = upload_streams()
-    units = plan_units(version.id, missing, sizes, manifest.sources_for(missing), streams)
+    sources = manifest.sources_for(missing)
+    units = plan_units(version.id, missing, sizes, sources, streams, manifest.total_bytes)
     total = sum(u.body.length for u in units)
     progress.message(
         f"{kind} {name!r}: uploading {len(missing)} of {manifest.file_count} files "

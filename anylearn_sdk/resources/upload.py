@@ -108,17 +108,20 @@ def plan_units(
     sizes: dict[str, int],
     sources: dict[str, Source],
     streams: int = 1,
+    total: int | None = None,
 ) -> list[Unit]:
     """Cut the ``missing`` objects into units (largest first) for ``streams`` parallel streams.
 
     Args:
         missing: sha256 digests the server lacks.
-        sizes: sha256 → size in bytes, for every object of the manifest.
+        sizes: sha256 → size in bytes, of each missing object (at least).
         sources: sha256 → where its bytes are.
+        total: the manifest's bytes, every file counted (default: the sum of ``sizes``, then
+            of every object).
     """
     # From the whole manifest's size, not the missing part's: a resumed run must cut the same
     # parts to find them in the journal.
-    largest_part = part_bytes(sum(sizes.values()), streams)
+    largest_part = part_bytes(sum(sizes.values()) if total is None else total, streams)
     units: list[Unit] = []
     small = sorted(d for d in missing if sizes[d] < LARGE_FILE_BYTES)
     pack: list[PackMember] = []

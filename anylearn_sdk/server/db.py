@@ -163,6 +163,9 @@ class MissingObject(Base):
     __tablename__ = "resource_missing"
     resource_id: Mapped[str] = mapped_column(ForeignKey("resources.id"), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Bytes (None in rows from before migration 0005): what a pack member must be, checked
+    #: without loading the version's manifest.
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Upload(Base):

@@ -11,7 +11,8 @@ skips the filesystem's cross-folder rename lock.
 Against power loss, a large object is fsynced before its rename; the many small objects of a
 pack are flushed together by :meth:`ObjectStore.flush` (``syncfs`` of the store's filesystem)
 before the pack counts as stored: an fsync per 50 KiB file would cost more than receiving it,
-and ``sync()`` would flush every filesystem of the machine.
+and ``sync()`` would flush every filesystem of the machine. A pack of a few objects (one
+changed file) fsyncs just those, so it does not wait on the rest of the filesystem.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,6 +38,9 @@ from anylearn_sdk.protocol import (
 )
 
 COPY_BLOCK_BYTES = 1024 * 1024
+#: A batch of at most this many objects is made durable by an fsync of each (and of their
+#: folders) rather than by ``syncfs`` of the whole filesystem.
+FSYNC_AT_MOST = 16
 TAR_BLOCK = tarfile.BLOCKSIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -104,9 +108,31 @@ class ObjectStore:
                         removed += 1
         return removed
 
-    def flush(self) -> None:
-        """Make every object written so far durable (``syncfs`` of the store's filesystem)."""
-        syncfs(self.root)
+    def flush(self, digests: Collection[str] | None = None) -> None:
+        """Make objects durable: these ``digests`` (a batch just stored), or every one.
+
+        Up to :data:`FSYNC_AT_MOST` objects are fsynced one by one with their fan-out folders
+        (a pack of one changed file need not wait for the whole filesystem's dirty pages);
+        more, or all, with one ``syncfs`` of the store's filesystem.
+        """
+        if digests is None or len(digests) > FSYNC_AT_MOST:
+            syncfs(self.root)
+            return
+        folders = set()
+        for digest in digests:
+            path = self.path_for(digest)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.add(path.parent)
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def missing(self, digests: Iterable[str]) -> list[str]:
         """The digests (deduplicated, sorted) that the store does not hold."""

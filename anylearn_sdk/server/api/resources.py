@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
@@ -23,6 +24,7 @@ from anylearn_sdk.protocol import (
     SHA256_HEX,
     apply_delta,
     canonical_rows,
+    splice_manifest,
     validate_manifest,
 )
 from anylearn_sdk.server.api.accounts import owned_project
@@ -158,9 +160,10 @@ def add_refs(session: Session, owner_id: str, digests: Iterable[str]) -> None:
     session.execute(upsert(ObjectRef).on_conflict_do_nothing(), rows)
 
 
-def track_missing(session: Session, res: Resource, missing: Iterable[str]) -> None:
-    """Record the objects a new version lacks (its row must be flushed); READY if none."""
-    rows = [{"resource_id": res.id, "sha256": d} for d in sorted(set(missing))]
+def track_missing(session: Session, res: Resource, missing: Mapping[str, int]) -> None:
+    """Record the objects a new version lacks (sha256 → size; its row must be flushed);
+    READY if none."""
+    rows = [{"resource_id": res.id, "sha256": d, "size": missing[d]} for d in sorted(missing)]
     if rows:  # a Core insert: one executemany, not the ORM's bulk path (10x slower)
         session.execute(insert(MissingObject.__table__), rows)
     elif res.state in (ResourceState.CREATED, ResourceState.UPLOADING):
@@ -218,14 +221,30 @@ def live_version(session: Session, user: User, kind: str, checksum: str) -> Reso
     )
 
 
-def _full_manifest(
-    session: Session, user: User, kind: str, body: NewResource
-) -> tuple[list, list[str] | None]:
-    """The manifest the request describes, checked, as rows sorted by path (applying a delta
-    to its base version); and the digests whose presence must be asked (None: all of them).
+@dataclass
+class _Described:
+    """The manifest a registration describes, checked: its canonical bytes, counts, and the
+    objects whose presence must be asked (sha256 → size)."""
+
+    canonical: bytes
+    file_count: int
+    total_bytes: int
+    to_check: dict[str, int]
+
+    @classmethod
+    def of_rows(cls, rows: list) -> _Described:
+        sizes = {row[3]: row[1] for row in rows}
+        return cls(canonical_rows(rows), len(rows), sum(row[1] for row in rows), sizes)
+
+
+def _described(session: Session, user: User, kind: str, body: NewResource) -> _Described:
+    """The manifest the request describes: whole, or a delta applied to its base version.
 
     A delta against a READY base checks only what changed: the base's entries were checked
-    when it was registered, and its owner owns every object of it.
+    when it was registered, and its owner owns every object of it. One that only changes or
+    removes files is spliced into the base's canonical bytes
+    (:func:`~anylearn_sdk.protocol.splice_manifest`); one that adds files is applied to its
+    rows.
 
     Raises:
         ApiError: 409 if the base version is unknown (the client then sends it whole).
@@ -234,15 +253,26 @@ def _full_manifest(
     if body.base_checksum is None:
         if body.manifest is None:
             raise bad_request("give manifest, or base_checksum with changes and removed")
-        return [[e.path, e.size, e.mode, e.sha256] for e in validate_manifest(body.manifest)], None
+        entries = validate_manifest(body.manifest)
+        return _Described.of_rows([[e.path, e.size, e.mode, e.sha256] for e in entries])
     base = live_version(session, user, kind, body.base_checksum)
     if base is None:
         raise conflict(f"base {kind} {body.base_checksum} not found; send it whole")
     changes = validate_manifest(body.changes)  # malformed entries: a 400 naming the entry
-    merged = apply_delta(base.rows(), changes, body.removed)
-    if base.state != ResourceState.READY:
-        return merged, None
-    return merged, [e.sha256 for e in changes]
+    edits = {e.path: [e.path, e.size, e.mode, e.sha256] for e in changes}
+    if set(edits).intersection(body.removed):
+        raise ValueError("a path is both changed and removed")
+    spliced = splice_manifest(base.canonical, {**edits, **dict.fromkeys(body.removed)})
+    if spliced is None or base.state != ResourceState.READY:
+        return _Described.of_rows(apply_delta(base.rows(), changes, body.removed))
+    canonical, before = spliced
+    total = base.total_bytes + sum(e.size for e in changes) - sum(r[1] for r in before.values())
+    return _Described(
+        canonical,
+        base.file_count - len(body.removed),
+        total,
+        {e.sha256: e.size for e in changes},
+    )
 
 
 def new_version(
@@ -251,27 +281,37 @@ def new_version(
     user: User,
     project: Project,
     name: str,
-    rows: list,
-    canonical: bytes | None = None,
+    manifest: _Described,
     state: ResourceState = ResourceState.UPLOADING,
 ) -> Resource:
-    """Add a version of ``kind`` with the manifest ``rows`` (checked, sorted by path) and
-    their canonical form if already made (:func:`~anylearn_sdk.protocol.canonical_rows`)."""
-    canonical = canonical if canonical is not None else canonical_rows(rows)
+    """Add a version of ``kind`` with this checked manifest."""
     res = Resource(
         id=new_id(KINDS[kind][1]),
         kind=kind,
         owner_id=user.id,
         project_id=project.id,
         name=name,
-        checksum=hashlib.sha256(canonical).hexdigest(),
+        checksum=hashlib.sha256(manifest.canonical).hexdigest(),
         state=state,
-        canonical=canonical,
-        file_count=len(rows),
-        total_bytes=sum(row[1] for row in rows),
+        canonical=manifest.canonical,
+        file_count=manifest.file_count,
+        total_bytes=manifest.total_bytes,
     )
     session.add(res)
     return res
+
+
+def version_of_rows(
+    session: Session,
+    kind: str,
+    user: User,
+    project: Project,
+    name: str,
+    rows: list,
+    state: ResourceState = ResourceState.UPLOADING,
+) -> Resource:
+    """:func:`new_version` of manifest ``rows`` (checked, sorted by path)."""
+    return new_version(session, kind, user, project, name, _Described.of_rows(rows), state)
 
 
 def make_router(kind: str) -> APIRouter:
@@ -317,23 +357,21 @@ def make_router(kind: str) -> APIRouter:
         digests of the objects to upload.
         """
         try:
-            rows, to_check = _full_manifest(session, user, kind, body)
+            described = _described(session, user, kind, body)
         except ValueError as err:
             raise bad_request(str(err)) from err
-        canonical = canonical_rows(rows)
-        if hashlib.sha256(canonical).hexdigest() != body.checksum:
+        if hashlib.sha256(described.canonical).hexdigest() != body.checksum:
             raise bad_request(f"checksum {body.checksum} does not match the manifest")
         project = owned_project(session, user, body.project_id)
         res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:
-            res = new_version(session, kind, user, project, body.name, rows, canonical)
+            res = new_version(session, kind, user, project, body.name, described)
             response.status_code = 201
-            if to_check is None:
-                to_check = [row[3] for row in rows]
-            missing = missing_for(session, ctx.objects, user.id, to_check)
+            sizes = described.to_check
+            missing = missing_for(session, ctx.objects, user.id, sizes)
             session.flush()
-            track_missing(session, res, missing)
+            track_missing(session, res, {d: sizes[d] for d in missing})
         else:
             missing = still_missing(session, res, ctx.objects)
         session.commit()

@@ -25,10 +25,10 @@ from anylearn_sdk.server.api.algorithms import owned_algorithm
 from anylearn_sdk.server.api.resources import (
     add_refs,
     live_version,
-    new_version,
     owned_resource,
     resource_record,
     users_of,
+    version_of_rows,
 )
 from anylearn_sdk.server.api.runtime import live_group
 from anylearn_sdk.server.context import (
@@ -448,14 +448,12 @@ def register_model(
     except ValueError as err:
         raise bad_request(f"results of task {task.id}: {err}") from err
     rows = [[e.path, e.size, e.mode, e.sha256] for e in sorted(entries)]
-    canonical = canonical_rows(rows)
-    model = live_version(session, user, "model", hashlib.sha256(canonical).hexdigest())
+    checksum = hashlib.sha256(canonical_rows(rows)).hexdigest()
+    model = live_version(session, user, "model", checksum)
     response.status_code = 200
     if model is None:
         name = body.name or task.name
-        model = new_version(
-            session, "model", user, project, name, rows, canonical, ResourceState.READY
-        )
+        model = version_of_rows(session, "model", user, project, name, rows, ResourceState.READY)
         response.status_code = 201
     add_refs(session, user.id, (e.sha256 for e in entries))
     session.commit()

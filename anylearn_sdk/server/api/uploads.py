@@ -42,6 +42,8 @@ import os
 import secrets
 import tarfile
 import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -54,7 +56,7 @@ from starlette.requests import ClientDisconnect
 
 from anylearn_sdk.server.api.resources import add_refs, objects_stored, ready_if_complete
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
-from anylearn_sdk.server.db import Resource, Upload, User, as_utc, utcnow
+from anylearn_sdk.server.db import MissingObject, Resource, Upload, User, as_utc, utcnow
 from anylearn_sdk.server.objects import ObjectVerificationError, PackReceiver
 from anylearn_sdk.states import ErrorCode, ResourceState, UploadState
 from anylearn_sdk.wire import (
@@ -374,6 +376,35 @@ def manifest_sizes(ctx: ServerContext, resource_id: str) -> dict[str, int]:
     return sizes
 
 
+class VersionSizes(Mapping[str, int]):
+    """sha256 → size of a version's objects for a pack receiver: those it lacks from one
+    small query (``resource_missing``); the whole manifest (:func:`manifest_sizes`) only if a
+    pack holds another (one sent again after its objects were stored)."""
+
+    def __init__(self, ctx: ServerContext, resource_id: str):
+        self._ctx, self._resource_id = ctx, resource_id
+        with ctx.sessions() as session:
+            found = session.execute(
+                select(MissingObject.sha256, MissingObject.size).where(
+                    MissingObject.resource_id == resource_id
+                )
+            )
+            self._lacking = {digest: size for digest, size in found if size is not None}
+
+    def _all(self) -> dict[str, int]:
+        return manifest_sizes(self._ctx, self._resource_id)
+
+    def __getitem__(self, digest: str) -> int:
+        size = self._lacking.get(digest)
+        return size if size is not None else self._all()[digest]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 def _take_receiver(ctx: ServerContext, upload: Upload, start: int) -> PackReceiver | None:
     """The receiver to go on with at ``start``: the one that consumed the bytes before it,
     or a new one at 0; None for a pack whose bytes are kept in its file (one received before
@@ -388,7 +419,7 @@ def _take_receiver(ctx: ServerContext, upload: Upload, start: int) -> PackReceiv
         return None
     journal = journal_path(ctx, upload.id)
     journal.unlink(missing_ok=True)
-    return PackReceiver(ctx.objects, manifest_sizes(ctx, upload.resource_id), journal)
+    return PackReceiver(ctx.objects, VersionSizes(ctx, upload.resource_id), journal)
 
 
 def _drop_receiver(upload_id: str) -> None:
@@ -552,22 +583,28 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
             raise ApiError(460, ErrorCode.BAD_REQUEST, "Upload-Checksum mismatch")
     offset = path.stat().st_size
     if offset == upload.length and upload.state == RECEIVING:
-        _complete(ctx, session, upload)
+        job = _complete(ctx, session, upload)
+        if job is not None:
+            # Answered once stored: a pack was verified while it arrived and an object hashed,
+            # so what is left is a flush and the bookkeeping, and the client's next poll sees
+            # the version READY. A client that goes away does not stop the job.
+            await asyncio.wrap_future(job)
     return Response(
         status_code=204,
         headers={**TUS_HEADERS, **_expires_header(upload), "Upload-Offset": str(offset)},
     )
 
 
-def _complete(ctx: ServerContext, session: Session, upload: Upload) -> None:
-    """All bytes are in: a partial waits for its final; anything else is verified."""
+def _complete(ctx: ServerContext, session: Session, upload: Upload) -> Future | None:
+    """All bytes are in: a partial waits for its final (None); anything else is verified and
+    stored on a worker thread (its future)."""
     if upload.concat == "partial":
         upload.state = COMPLETE
         session.commit()
-        return
+        return None
     upload.state = VERIFYING
     session.commit()
-    ctx.scheduler.background.submit(process_upload, ctx, upload.id)
+    return ctx.scheduler.background.submit(process_upload, ctx, upload.id)
 
 
 @router.delete("/{upload_id}", status_code=204)
@@ -701,7 +738,7 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
             path = path or upload_path(ctx, upload.id)
             if upload.metadata_json.get("kind") == "pack":
                 stored = _store_pack(ctx, upload, path)
-                ctx.objects.flush()  # once per pack, for all its small objects
+                ctx.objects.flush(stored)  # once per pack, for all its small objects
                 path.unlink(missing_ok=True)
                 journal_path(ctx, upload.id).unlink(missing_ok=True)
             else:

@@ -1,6 +1,8 @@
 """A version keeps its manifest as the canonical bytes its checksum is the sha256 of
 (``resources.canonical``), instead of a JSON list of objects: a delta against it is applied to
-rows and hashed with one ``json.dumps``, and the bytes stored are the bytes checked.
+rows and hashed with one ``json.dumps``, and the bytes stored are the bytes checked. The
+objects a version lacks carry their size (``resource_missing.size``), so a pack of them is
+checked without loading the manifest.
 
 Revision ID: 0005
 Revises: 0004
@@ -25,6 +27,7 @@ FIELDS = ("path", "size", "mode", "sha256")
 
 
 def upgrade() -> None:
+    op.add_column("resource_missing", sa.Column("size", sa.BigInteger(), nullable=True))
     op.add_column("resources", sa.Column("canonical", sa.LargeBinary(), nullable=True))
     conn = op.get_bind()
     resources = sa.table(
@@ -65,3 +68,4 @@ def downgrade() -> None:
             .values(manifest=[dict(zip(FIELDS, row, strict=True)) for row in rows])
         )
     op.drop_column("resources", "canonical")
+    op.drop_column("resource_missing", "size")
