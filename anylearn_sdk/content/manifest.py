@@ -468,20 +468,15 @@ def build_manifest(
         return _from_walk(files, None, root, started_ns, progress, label)[0]
     key, print_ = str(root), fingerprint(files)
     known = store.folder_manifest(key)
-    if (
-        known is not None
-        and known.fingerprint == print_
-        and known.max_mtime_ns < known.cached_at_ns - RACY_MARGIN_NS
-    ):
-        return Manifest(
-            known.checksum,
-            known.file_count,
-            known.total_bytes,
-            from_fingerprint=True,
-            _load=lambda: _from_walk(
-                files, store, root, started_ns, progress, label, _last_walk(store, key, known)
-            )[0],
-        )
+    unchanged = _unchanged(
+        known,
+        print_,
+        lambda: _from_walk(
+            files, store, root, started_ns, progress, label, _last_walk(store, key, known)
+        )[0],
+    )
+    if unchanged is not None:
+        return unchanged
     manifest, walk = _from_walk(
         files, store, root, started_ns, progress, label, _last_walk(store, key, known)
     )
@@ -499,6 +494,23 @@ def build_manifest(
     )
     store.save_folder_manifest(key, state, walk=walk.dump())
     return manifest
+
+
+def _unchanged(
+    known: FolderManifest | None, print_: str, load: Callable[[], Manifest]
+) -> Manifest | None:
+    """The stored manifest if the walk's fingerprint is unchanged and no file was modified
+    within ``RACY_MARGIN_NS`` of the walk that stored it (``load`` builds its entries only if
+    they are asked for); else None."""
+    if (
+        known is not None
+        and known.fingerprint == print_
+        and known.max_mtime_ns < known.cached_at_ns - RACY_MARGIN_NS
+    ):
+        return Manifest(
+            known.checksum, known.file_count, known.total_bytes, from_fingerprint=True, _load=load
+        )
+    return None
 
 
 def _last_walk(store: LocalStore, key: str, known: FolderManifest | None) -> LastWalk | None:
@@ -526,18 +538,9 @@ def remembered(
     delta base, and stores it.
     """
     known = store.folder_manifest(key)
-    if (
-        known is not None
-        and known.fingerprint == print_
-        and known.max_mtime_ns < known.cached_at_ns - RACY_MARGIN_NS
-    ):
-        return Manifest(
-            known.checksum,
-            known.file_count,
-            known.total_bytes,
-            from_fingerprint=True,
-            _load=compute,
-        )
+    unchanged = _unchanged(known, print_, compute)
+    if unchanged is not None:
+        return unchanged
     manifest = compute()
     if known is not None and known.checksum != manifest.checksum:
         previous = store.folder_entries(key)
