@@ -68,6 +68,8 @@ from anylearn_sdk.wire import (
 )
 
 log = logging.getLogger(__name__)
+#: Uploads up to this many bytes are answered only once stored (see :func:`append`).
+ANSWER_STORED_BYTES = 4 * 1024 * 1024
 router = APIRouter(prefix="/uploads", tags=["uploads"])
 
 TUS_EXTENSIONS = "creation,termination,checksum,concatenation,expiration"
@@ -584,10 +586,12 @@ async def append(upload_id: str, request: Request, user: CurrentUser, session: D
     offset = path.stat().st_size
     if offset == upload.length and upload.state == RECEIVING:
         job = _complete(ctx, session, upload)
-        if job is not None:
-            # Answered once stored: a pack was verified while it arrived and an object hashed,
-            # so what is left is a flush and the bookkeeping, and the client's next poll sees
-            # the version READY. A client that goes away does not stop the job.
+        if job is not None and upload.length <= ANSWER_STORED_BYTES:
+            # A small upload is answered once stored: it was verified while it arrived, so
+            # what is left is a flush of its few files and the bookkeeping, and the client's
+            # next poll sees the version READY. A large one is flushed on the worker while its
+            # stream sends the next (syncfs would hold the stream). A client that goes away
+            # does not stop the job.
             await asyncio.wrap_future(job)
     return Response(
         status_code=204,
