@@ -262,8 +262,10 @@ def _described(session: Session, user: User, kind: str, body: NewResource) -> _D
     edits = {e.path: [e.path, e.size, e.mode, e.sha256] for e in changes}
     if set(edits).intersection(body.removed):
         raise ValueError("a path is both changed and removed")
-    spliced = splice_manifest(base.canonical, {**edits, **dict.fromkeys(body.removed)})
-    if spliced is None or base.state != ResourceState.READY:
+    spliced = None
+    if base.state == ResourceState.READY:  # else every object is asked for: rows needed
+        spliced = splice_manifest(base.canonical, {**edits, **dict.fromkeys(body.removed)})
+    if spliced is None:
         return _Described.of_rows(apply_delta(base.rows(), changes, body.removed))
     canonical, before = spliced
     total = base.total_bytes + sum(e.size for e in changes) - sum(r[1] for r in before.values())
