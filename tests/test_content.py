@@ -333,3 +333,34 @@ def test_anylearnignore_in_a_plain_folder(tmp_path):
     write(folder, "drop.pyc", b"x")
     snap = gitsync.snapshot(folder, scratch_root=tmp_path / "scratch")
     assert snapshot_files(snap) == [".anylearnignore", "keep.pyc", "train.py"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hashing_reports_each_file_once_as_it_goes(tmp_path, monkeypatch, workers):
+    """``on_hashed`` gets every file once with its digest: the batches of small files in the
+    order given (what preuploads cut into packs, so a rerun cuts the same ones), then the
+    large files."""
+    monkeypatch.setattr(hashing, "SMALL_BATCH_FILES", 3)
+    monkeypatch.setattr(hashing, "LARGE_HASH_BYTES", 5000)
+    files = []
+    for i, size in enumerate([100, 6000, 200, 300, 7000, 400, 500, 600]):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(os.urandom(size))
+        st = path.stat()
+        files.append(hashing.ScannedFile(path.name, str(path), size, st.st_mtime_ns, 0, 0))
+    reported: list[tuple[list[str], list[str]]] = []
+    digests = hashing.hash_files(
+        files,
+        lambda n: None,
+        workers=workers,
+        on_hashed=lambda done, found: reported.append(([f.relpath for f in done], found)),
+    )
+    assert [names for names, _ in reported] == [
+        ["f0", "f2", "f3"],
+        ["f5", "f6", "f7"],
+        ["f1"],
+        ["f4"],
+    ]
+    told = {name: d for names, found in reported for name, d in zip(names, found, strict=True)}
+    assert told == {f.relpath: d for f, d in zip(files, digests, strict=True)}
+    assert told["f4"] == hashlib.sha256((tmp_path / "f4").read_bytes()).hexdigest()

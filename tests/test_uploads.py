@@ -343,3 +343,64 @@ def test_a_delta_is_spliced_or_applied_and_checked_against_its_base(user, tmp_pa
     wrong = post([new], [], list(entries.values()))  # the checksum of another manifest
     assert wrong.status_code == 400 and "does not match" in wrong.json()["error"]["message"]
     assert ctx.api.get_json("/datasets") == before
+
+
+def test_small_files_leave_as_preuploads_and_the_version_lacks_nothing(user, tmp_path, monkeypatch):
+    monkeypatch.setattr(upload, "PACK_BYTES", 40_000)  # 50 files of 3,000 bytes: 4 packs
+    data = make_folder(tmp_path / "data", small=50)
+    (data / "s049.bin").write_bytes((data / "s000.bin").read_bytes())  # sent once
+    age(data)
+    ctx = get_context()
+    result = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert result.state == "READY"
+    preuploads = ctx.api.get_json("/uploads")
+    assert len(preuploads) == 4
+    assert {(u["kind"], u["state"]) for u in preuploads} == {("pack", "STORED")}
+    assert ctx.api.get_json("/uploads", params={"resource_id": result.id}) == []
+    assert result.uploaded_bytes == sum(u["length"] for u in preuploads)
+    # 49 distinct files, each a 512-byte header and its data padded to 512 bytes.
+    members = sum(u["length"] - 1024 for u in preuploads)  # less each end-of-archive marker
+    assert members == 49 * (512 + 3072)
+    manifest = build_manifest(data, None)
+    for entry in manifest.entries:
+        path = user.backend.data_dir / "objects" / entry.sha256[:2] / entry.sha256[2:]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256
+
+    # The same files in a new folder: every pack is asked about first, and nothing travels.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in data.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    age(copy)
+    again = sync_dataset(copy, progress=False, resource_polling=0.1)
+    assert (again.id, again.uploaded_bytes) == (result.id, 0)
+    assert len(ctx.api.get_json("/uploads")) == 4
+
+
+def test_a_preupload_that_fails_verification_fails_alone(user, tmp_path):
+    """A pack of no version with a member whose bytes do not hash to its name: refused, no
+    version touched, and a registration after it lists that object missing."""
+    data = make_folder(tmp_path / "d", small=2, small_size=100)
+    ctx = get_context()
+    manifest = build_manifest(data, None)
+    good, bad = manifest.entries
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for entry, content in ((good, (data / good.path).read_bytes()), (bad, b"x" * 100)):
+            info = tarfile.TarInfo(entry.sha256)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    body = buffer.getvalue()
+
+    class Fixed:
+        length = len(body)
+
+        def read_at(self, offset, size):
+            return body[offset : offset + size]
+
+    tus = TusClient(ctx.api)
+    tus.upload(tus.create(len(body), {"kind": "pack"}), Fixed())
+    _, res = register(ctx, data)  # waits for the preupload's verification
+    [preupload] = ctx.api.get_json("/uploads")
+    assert preupload["state"] == "FAILED" and "failed verification" in preupload["error"]
+    assert res["state"] == "UPLOADING" and res["missing"] == sorted([good.sha256, bad.sha256])

@@ -191,12 +191,22 @@ def _batches(files: list[ScannedFile], small: list[int]) -> list[list[int]]:
     return batches
 
 
+#: ``on_hashed(files, digests)``: files whose hashing just ended, with their digests.
+OnHashed = Callable[[list[ScannedFile], list[str]], None]
+
+
 def hash_files(
-    files: list[ScannedFile], on_bytes: Callable[[int], None], workers: int | None = None
+    files: list[ScannedFile],
+    on_bytes: Callable[[int], None],
+    workers: int | None = None,
+    on_hashed: OnHashed | None = None,
 ) -> list[str]:
     """sha256 (hex) of each file, in order, on ``workers`` threads (default ``os.cpu_count()``).
 
     ``on_bytes(n)`` is called from the worker threads as ``n`` more bytes are hashed.
+    ``on_hashed`` is called on the calling thread as hashing goes on, once per batch of small
+    files (in the order of ``files``) and then once per large file, so that what is hashed can
+    be used (sent) while the rest is: every file is reported once, in a stable order.
 
     Raises:
         ContentChangedError: a file changed size while it was read.
@@ -206,12 +216,18 @@ def hash_files(
     batches = _batches(files, [i for i, f in enumerate(files) if f.size < LARGE_HASH_BYTES])
     digests: list[str] = [""] * len(files)
     workers = workers or os.cpu_count() or 1
+
+    def done(indices: list[int], found: list[str]) -> None:
+        for i, d in zip(indices, found, strict=True):
+            digests[i] = d
+        if on_hashed is not None:
+            on_hashed([files[i] for i in indices], found)
+
     if len(large) + len(batches) <= 1 or workers == 1:
-        for i in large:
-            digests[i] = _hash_large(files[i], on_bytes)
         for b in batches:
-            for i, d in zip(b, _hash_small_batch([files[i] for i in b], on_bytes), strict=True):
-                digests[i] = d
+            done(b, _hash_small_batch([files[i] for i in b], on_bytes))
+        for i in large:
+            done([i], [_hash_large(files[i], on_bytes)])
         return digests
     # On Ctrl-C or a failed file, the other threads stop at their next window.
     with stoppable_pool(workers, "anylearn-hash") as (pool, stop):
@@ -220,9 +236,8 @@ def hash_files(
             (b, pool.submit(_hash_small_batch, [files[i] for i in b], on_bytes, stop))
             for b in batches
         ]
-        for i, fut in large_futures.items():
-            digests[i] = fut.result()
         for b, fut in batch_futures:
-            for i, d in zip(b, fut.result(), strict=True):
-                digests[i] = d
+            done(b, fut.result())
+        for i, fut in large_futures.items():
+            done([i], [fut.result()])
     return digests

@@ -31,7 +31,7 @@ from itertools import compress
 from operator import itemgetter, ne
 from pathlib import Path
 
-from anylearn_sdk.content.hashing import ScannedFile, hash_files
+from anylearn_sdk.content.hashing import OnHashed, ScannedFile, hash_files
 from anylearn_sdk.content.ignore import (
     DEFAULT_EXCLUDE_SUFFIXES,
     DEFAULT_EXCLUDES,
@@ -291,6 +291,7 @@ def _from_walk(
     progress: ProgressCallback,
     label: str,
     last: LastWalk | None = None,
+    on_hashed: OnHashed | None = None,
 ) -> tuple[Manifest, LastWalk]:
     """The full manifest and this walk: rows the last walk vouches for (unchanged stat key,
     not racy), then digests from the hash cache, then hashing the rest; with the delta
@@ -314,7 +315,9 @@ def _from_walk(
         known, by_path = set(last.keys), {row[0]: row for row in last.rows()}
         rows = [by_path[k[0]] if k in known and k[2] < trust_before else None for k in keys]
         todo = [i for i, row in enumerate(rows) if row is None]
-    digests, hashed = _digests_of([keys[i] for i in todo], store, root, started_ns, progress, label)
+    digests, hashed = _digests_of(
+        [keys[i] for i in todo], store, root, started_ns, progress, label, on_hashed
+    )
     for i in todo:
         path, size, _, _, st_mode = keys[i]
         rows[i] = [path, size, normalize_mode(st_mode), digests[path]]
@@ -395,9 +398,11 @@ def _digests_of(
     started_ns: int,
     progress: ProgressCallback,
     label: str,
+    on_hashed: OnHashed | None = None,
 ) -> tuple[dict[str, str], int]:
     """relpath → sha256 of these files, from the hash cache where its entry holds (same size,
-    mtime and inode, not racy), else hashed (and cached); and the bytes hashed."""
+    mtime and inode, not racy), else hashed (and cached, and told to ``on_hashed`` as
+    :func:`~anylearn_sdk.content.hashing.hash_files` goes); and the bytes hashed."""
     prefix = str(root) + os.sep
     found: dict[str, str] = {}
     if keys and store is not None:
@@ -419,7 +424,7 @@ def _digests_of(
         phase = f"{HASHING} {label}"
         progress.phase_start(phase, hashed)
         try:
-            fresh = hash_files(files, lambda n: progress.advance(phase, n))
+            fresh = hash_files(files, lambda n: progress.advance(phase, n), on_hashed=on_hashed)
         finally:
             progress.phase_end(phase)
         found.update((f.relpath, d) for f, d in zip(files, fresh, strict=True))
@@ -439,6 +444,7 @@ def build_manifest(
     store: LocalStore | None,
     progress: ProgressCallback | None = None,
     label: str | None = None,
+    on_hashed: OnHashed | None = None,
 ) -> Manifest:
     """Scan ``root`` and build its manifest, reading only files the caches cannot vouch for.
 
@@ -448,6 +454,8 @@ def build_manifest(
             to hash everything and remember nothing (a scratch folder).
         progress: told of the ``scanning`` (files) and ``hashing`` (bytes) phases.
         label: names the folder in progress phases (default: its name).
+        on_hashed: told of the files hashed while the rest are (in batches, see
+            :func:`~anylearn_sdk.content.hashing.hash_files`): what preuploads them.
 
     Raises:
         InvalidArgumentError: ``root`` is not a folder, an ignore file is unreadable, or a file
@@ -478,7 +486,7 @@ def build_manifest(
     if unchanged is not None:
         return unchanged
     manifest, walk = _from_walk(
-        files, store, root, started_ns, progress, label, _last_walk(store, key, known)
+        files, store, root, started_ns, progress, label, _last_walk(store, key, known), on_hashed
     )
     if manifest._delta is None and known is not None and known.checksum != manifest.checksum:
         previous = store.folder_entries(key)  # kept by a store from before walks were kept

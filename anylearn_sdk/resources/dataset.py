@@ -198,11 +198,13 @@ class PendingUpload:
 
     Attributes:
         upload_bytes: bytes the plan sends (packs included), 0 if nothing was missing.
+        preuploaded: bytes sent before the version was registered (:class:`Preuploads`).
     """
 
     resource: Dataset
     future: Future | None
     upload_bytes: int = 0
+    preuploaded: int = 0
 
 
 def start_sync(
@@ -215,6 +217,7 @@ def start_sync(
     progress: ProgressCallback,
     guess: Future | None = None,
     interrupt: threading.Event | None = None,
+    preuploaded: int = 0,
 ) -> PendingUpload:
     """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``.
 
@@ -224,6 +227,8 @@ def start_sync(
         guess: a future of :func:`last_known`, used if it answered for this checksum.
         interrupt: set it to stop the upload's threads within a fraction of a second (the
             journal keeps what was sent, so a rerun resumes).
+        preuploaded: bytes of this manifest's objects already sent as preuploads (counted in
+            the answer's ``uploaded_bytes``).
     """
     try:
         guessed = guess.result() if guess is not None else None
@@ -237,9 +242,9 @@ def start_sync(
         ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known.id, name)
         progress.message(
             f"{kind} {name!r}: {manifest.file_count} files, {manifest.total_bytes} bytes, "
-            f"already on the server as {known.id}; uploaded 0 bytes"
+            f"already on the server as {known.id}; uploaded {preuploaded} bytes"
         )
-        return PendingUpload(known, None)
+        return PendingUpload(known, None, preuploaded=preuploaded)
     version = _register(
         ctx, kind, manifest, name, project_id() if callable(project_id) else project_id
     )
@@ -248,9 +253,10 @@ def start_sync(
     version = version.model_copy(update={"missing": None})
     if not missing:
         progress.message(
-            f"{kind} {name!r}: every file already on the server ({version.id}); uploaded 0 bytes"
+            f"{kind} {name!r}: every file on the server ({version.id}); "
+            f"uploaded {preuploaded} bytes"
         )
-        return PendingUpload(version, None)
+        return PendingUpload(version, None, preuploaded=preuploaded)
     sizes = manifest.sizes_for(missing)
     streams = upload_streams()
     sources = manifest.sources_for(missing)
@@ -278,7 +284,7 @@ def start_sync(
         finally:
             progress.phase_end(phase)
 
-    return PendingUpload(version, pool.submit(upload), total)
+    return PendingUpload(version, pool.submit(upload), total, preuploaded)
 
 
 def _register(
@@ -340,10 +346,11 @@ def await_ready(
     """
     res = pending.resource
     if pending.future is None and res.state == ResourceState.READY:
-        return res  # known READY a moment ago; nothing was sent
+        # known READY a moment ago; nothing more was sent
+        return res.model_copy(update={"uploaded_bytes": pending.preuploaded})
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL_SECONDS
-    uploaded = 0
+    uploaded = pending.preuploaded
     verifying: str | None = None
     verified = 0
     try:
@@ -353,7 +360,7 @@ def await_ready(
                 # Wake as soon as the upload ends, but poll at least every ``polling`` seconds.
                 wait([future], timeout=min(polling, max(0.0, deadline - time.monotonic())))
             if future is not None and future.done():
-                uploaded = future.result()  # re-raises the worker's error
+                uploaded = pending.preuploaded + future.result()  # re-raises its error
                 if verifying is None:
                     verifying = f"{VERIFYING} {res.name}"
                     progress.phase_start(verifying, pending.upload_bytes)

@@ -15,6 +15,12 @@ creates it and before any byte is sent, so a process killed at any moment leaves
 upload (nothing was sent) or a journaled one that the next run resumes from the server's
 offset: no unit is ever sent twice, and an interrupted stream re-sends nothing the server
 acknowledged. Units run on :func:`upload_streams` threads, largest first.
+
+Before that plan, while a folder is still being hashed, :class:`Preuploads` sends its small
+files in packs as soon as a pack's worth is hashed (huggingface_hub's preupload: content
+first, the version that names it after), each pack cut from the files in walk order and
+stripped of what the server says the user already has (``POST /objects/missing``), so a
+rerun cuts the same packs and resumes them from the same journal.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from anylearn_sdk.client.tus import Body, TusClient, UploadStopped
 from anylearn_sdk.config import STREAMS_VAR, env_positive_int
+from anylearn_sdk.content.hashing import ScannedFile
 from anylearn_sdk.content.pack import PackMember, PackReader
-from anylearn_sdk.content.sources import Source, close_archives
+from anylearn_sdk.content.sources import FileSource, Source, close_archives
+from anylearn_sdk.progress import ProgressCallback
 from anylearn_sdk.session import SdkContext
+from anylearn_sdk.wire import DigestList, MissingObjects
 
 #: Files at least this large travel alone rather than packed.
 LARGE_FILE_BYTES = 8 * 1024 * 1024
@@ -179,6 +188,14 @@ class UploadRun:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _sent: int = 0
 
+    def __post_init__(self) -> None:
+        self._journal = self.ctx.store.upload_units(self.ctx.server_id, self.resource_id)
+
+    @property
+    def sent(self) -> int:
+        """Bytes the server acknowledged so far in this run."""
+        return self._sent
+
     def run(self) -> int:
         """Upload every unit; returns the bytes the server stored during this call.
 
@@ -186,15 +203,9 @@ class UploadRun:
             AnylearnError: a unit failed (the first failure; units not started are cancelled).
             UploadStopped: :attr:`interrupt` was set.
         """
-        self._journal = self.ctx.store.upload_units(self.ctx.server_id, self.resource_id)
         workers = max(1, min(self.streams, len(self.units)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anylearn-tus") as pool:
-            futures = [pool.submit(self._send, unit) for unit in self.units]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for fut in pending:
-                fut.cancel()
-            for fut in done:
-                fut.result()
+            _first_error([pool.submit(self.send, unit) for unit in self.units])
         return self._sent
 
     def _url_for(self, tus: TusClient, unit: Unit) -> tuple[str, int]:
@@ -208,7 +219,8 @@ class UploadRun:
             offset = 0
         return url, offset
 
-    def _send(self, unit: Unit) -> None:
+    def send(self, unit: Unit) -> None:
+        """Send one unit, resuming it if journaled (any thread)."""
         if self.interrupt.is_set():
             raise UploadStopped("upload stopped")
         tus = TusClient(self.ctx.api, stop=self.interrupt)
@@ -235,3 +247,116 @@ class UploadRun:
         meta = {"kind": "object", "sha256": sha256, "resource_id": self.resource_id}
         url = tus.concatenate(urls, meta)
         self.ctx.store.save_upload_unit(self.ctx.server_id, self.resource_id, key, url, 0)
+
+
+def _first_error(futures: list[Future]) -> None:
+    """Wait for ``futures``; at the first failure cancel those not started and raise it."""
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    for fut in pending:
+        fut.cancel()
+    for fut in done:
+        fut.result()
+
+
+class Preuploads:
+    """Small files sent in packs while their folder is still being hashed (see the module
+    docstring); :meth:`add` is the ``on_hashed`` of
+    :func:`~anylearn_sdk.content.manifest.build_manifest`.
+
+    A pack leaves once ``PACK_BYTES`` of files are hashed; on its stream it first asks the
+    server which of its objects the user lacks (one ``POST /objects/missing``) and sends
+    only those, as a tus upload of no version (a *preupload*). Files of ``LARGE_FILE_BYTES``
+    or more are left to the plan made once the version is registered.
+
+    Use it as a context manager: leaving it on an error stops the streams (the journal,
+    scoped to ``scope``, keeps what was sent). :meth:`finish` sends the last pack, waits for
+    every pack to be acknowledged and returns the bytes sent. The bytes are shown as the
+    progress phase ``phase``, from the first pack on. Until a pack is full nothing is done: a
+    folder with less than a pack's worth to hash (unchanged, or a few files changed) is left
+    to the plan made after registration, which costs fewer round trips.
+    """
+
+    def __init__(
+        self,
+        ctx: SdkContext,
+        scope: str,
+        progress: ProgressCallback,
+        phase: str,
+        interrupt: threading.Event | None = None,
+        streams: int | None = None,
+    ):
+        self._ctx, self._scope, self._progress, self._phase = ctx, scope, progress, phase
+        self._interrupt = interrupt or threading.Event()
+        self._streams = streams or upload_streams()
+        self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="anylearn-tus")
+        self._run: UploadRun | None = None  # made with the first pack
+        self._ended = False
+        self._futures: list[Future] = []
+        self._members: list[PackMember] = []
+        self._bytes = 0
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> Preuploads:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None:
+            self._interrupt.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        close_archives()
+        self._end_phase()
+
+    def add(self, files: list[ScannedFile], digests: list[str]) -> None:
+        """Take these hashed files; send a pack if one is full (calling thread only)."""
+        for f, digest in zip(files, digests, strict=True):
+            if f.size >= LARGE_FILE_BYTES or digest in self._seen:
+                continue
+            self._seen.add(digest)
+            self._members.append(PackMember(digest, f.size, FileSource(f.abspath, f.size)))
+            self._bytes += f.size
+            if self._bytes >= PACK_BYTES:
+                self._flush()
+
+    def finish(self) -> int:
+        """Send what is left if a pack was sent, wait until every pack is acknowledged; the
+        bytes sent.
+
+        Raises:
+            AnylearnError: a pack failed (the first failure).
+            UploadStopped: the interrupt was set.
+        """
+        if self._run is None:
+            return 0
+        if self._members:
+            self._flush()
+        _first_error(self._futures)
+        self._end_phase()
+        self._ctx.store.drop_upload_units(self._ctx.server_id, self._scope)
+        return self._run.sent
+
+    def _flush(self) -> None:
+        if self._run is None:
+            self._progress.phase_start(self._phase, None)
+            self._run = UploadRun(
+                self._ctx,
+                self._scope,
+                [],
+                lambda n: self._progress.advance(self._phase, n),
+                streams=self._streams,
+                interrupt=self._interrupt,
+            )
+        members, self._members, self._bytes = self._members, [], 0
+        self._futures.append(self._pool.submit(self._send_pack, members))
+
+    def _end_phase(self) -> None:
+        if self._run is not None and not self._ended:
+            self._progress.phase_end(self._phase)
+            self._ended = True
+
+    def _send_pack(self, members: list[PackMember]) -> None:
+        body = DigestList.model_construct(digests=[m.sha256 for m in members])
+        lacking = set(self._ctx.api.call("POST", "/objects/missing", MissingObjects, body).missing)
+        members = [m for m in members if m.sha256 in lacking]
+        if members and self._run is not None:
+            reader = PackReader(members)
+            self._run.send(Unit(f"pack:{reader.key}", reader, {"kind": "pack"}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Iterable, Mapping
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
@@ -32,6 +33,7 @@ from anylearn_sdk.server.context import (
     DB,
     Ctx,
     CurrentUser,
+    ServerContext,
     bad_request,
     conflict,
     not_found,
@@ -42,16 +44,19 @@ from anylearn_sdk.server.db import (
     Project,
     Resource,
     TrainTask,
+    Upload,
     User,
     new_id,
 )
 from anylearn_sdk.server.objects import ObjectStore
-from anylearn_sdk.states import TERMINAL_TASK_STATES, ResourceState
+from anylearn_sdk.states import TERMINAL_TASK_STATES, ResourceState, UploadState
 from anylearn_sdk.wire import DigestList, MissingObjects, NewResource, ResourceRecord
 
 KINDS = {"dataset": ("datasets", "dset"), "model": ("models", "model")}
 #: Bound parameters per query (SQLite's default limit is 999).
 SQL_BATCH = 900
+#: A registration waits at most this long (seconds) for its owner's preuploads to be stored.
+PREUPLOAD_WAIT_SECONDS = 120.0
 objects_router = APIRouter(prefix="/objects", tags=["objects"])
 
 
@@ -191,6 +196,21 @@ def ready_if_complete(session: Session, res: Resource) -> None:
     )
     if not left:
         res.state = ResourceState.READY
+
+
+def await_preuploads(ctx: ServerContext, owner_id: str) -> None:
+    """Wait, at most ``PREUPLOAD_WAIT_SECONDS``, until none of ``owner_id``'s preuploads (packs
+    sent before their version existed) is being verified: a registration that follows its
+    client's preuploads then finds their objects stored. One still receiving is not waited
+    for: its client has not finished it."""
+    preuploads = select(Upload.id).where(
+        Upload.owner_id == owner_id,
+        Upload.resource_id.is_(None),
+        Upload.state == UploadState.VERIFYING,
+    )
+    with ctx.sessions() as session:
+        jobs = [ctx.verifying.get(upload_id) for upload_id in session.scalars(preuploads)]
+    wait([job for job in jobs if job is not None], timeout=PREUPLOAD_WAIT_SECONDS)
 
 
 def still_missing(session: Session, res: Resource, objects: ObjectStore) -> list[str]:
@@ -356,8 +376,10 @@ def make_router(kind: str) -> APIRouter:
         """Register a version by manifest; idempotent on (user, checksum).
 
         Answers 201 for a new version, 200 for an existing one, with ``missing``: the sha256
-        digests of the objects to upload.
+        digests of the objects to upload (after the user's preuploads being verified are
+        stored).
         """
+        await_preuploads(ctx, user.id)
         try:
             described = _described(session, user, kind, body)
         except ValueError as err:

@@ -25,6 +25,13 @@ Every upload names, in its ``Upload-Metadata``, the dataset or model it belongs 
   streams. Creating the same final again answers the existing one (a client that crashed
   before recording its URL can resume).
 
+A ``pack`` may leave out ``resource_id``: a *preupload* (huggingface_hub's term), sent while
+its client is still hashing the folder, before the version exists. Its members are checked
+against their names only (any size); once stored they are the uploader's objects. A
+registration first waits for its owner's preuploads being verified
+(:func:`~anylearn_sdk.server.api.resources.await_preuploads`), so that what they brought is
+not listed missing.
+
 Nothing counts until verified: a version becomes READY once every object of its manifest is
 in the store, and ERROR if any upload fails verification. An upload expires
 ``upload_expiry`` seconds after its last byte arrived (tus §Expiration, ``Upload-Expires``);
@@ -217,14 +224,17 @@ def _parse_final(header: str, session: Session, user: User) -> list[Upload]:
 def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) -> Response:
     """Create an upload (tus §Creation, §Concatenation).
 
-    Metadata: ``resource_id`` always; ``kind`` (``object`` with ``sha256``, or ``pack``)
-    unless the upload is partial. A final upload answers 201 with its parts concatenated and
-    verification started; if the same parts were already concatenated, the existing final.
+    Metadata: ``resource_id`` (left out for a preupload: a ``pack`` that is not partial);
+    ``kind`` (``object`` with ``sha256``, or ``pack``) unless the upload is partial. A final
+    upload answers 201 with its parts concatenated and verification started; if the same
+    parts were already concatenated, the existing final.
     """
     _check_version(request)
     metadata = parse_metadata(request.headers.get("upload-metadata"))
-    res = _uploading_resource(session, user, metadata.get("resource_id", ""))
     concat_header = request.headers.get("upload-concat", "")
+    if "resource_id" not in metadata and metadata.get("kind") == "pack" and not concat_header:
+        return _create_preupload(request, user, session, ctx, metadata)
+    res = _uploading_resource(session, user, metadata.get("resource_id", ""))
     now = utcnow()
     expires = now + timedelta(seconds=ctx.upload_expiry)
     if concat_header.startswith("final;"):
@@ -254,14 +264,9 @@ def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) ->
             p.state, p.parts = CONSUMED, [final.id]
         session.add(final)
         session.commit()
-        ctx.scheduler.background.submit(process_upload, ctx, final.id)
+        _verify(ctx, final.id)
         return _created(final)
-    try:
-        length = int(request.headers["upload-length"])
-    except (KeyError, ValueError) as err:
-        raise _tus_error(400, "Upload-Length header is required (bytes)") from err
-    if length < 0 or length > TUS_MAX_SIZE:
-        raise _tus_error(413, f"Upload-Length {length} is outside 0..{TUS_MAX_SIZE}")
+    length = _upload_length(request)
     partial = concat_header == "partial"
     if concat_header and not partial:
         raise _tus_error(400, "Upload-Concat must be 'partial' or 'final;<urls>'")
@@ -276,6 +281,38 @@ def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) ->
         state=RECEIVING,
         concat="partial" if partial else None,
         expires_at=expires,
+    )
+    upload_path(ctx, upload.id).touch()
+    session.add(upload)
+    session.commit()
+    if length == 0:
+        _complete(ctx, session, upload)
+    return _created(upload)
+
+
+def _upload_length(request: Request) -> int:
+    try:
+        length = int(request.headers["upload-length"])
+    except (KeyError, ValueError) as err:
+        raise _tus_error(400, "Upload-Length header is required (bytes)") from err
+    if length < 0 or length > TUS_MAX_SIZE:
+        raise _tus_error(413, f"Upload-Length {length} is outside 0..{TUS_MAX_SIZE}")
+    return length
+
+
+def _create_preupload(
+    request: Request, user: User, session: Session, ctx: ServerContext, metadata: dict[str, str]
+) -> Response:
+    """A pack of no version yet (see the module docstring)."""
+    length = _upload_length(request)
+    upload = Upload(
+        id=secrets.token_hex(16),
+        owner_id=user.id,
+        length=length,
+        metadata_json=metadata,
+        resource_id=None,
+        state=RECEIVING,
+        expires_at=utcnow() + timedelta(seconds=ctx.upload_expiry),
     )
     upload_path(ctx, upload.id).touch()
     session.add(upload)
@@ -323,12 +360,16 @@ def upload_offset(upload_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> R
 
 
 @router.get("", response_model=list[UploadRecord])
-def list_uploads(resource_id: str, user: CurrentUser, session: DB, ctx: Ctx) -> list[UploadRecord]:
-    """The uploads of a dataset or model (not part of tus): state, offset and bytes received."""
+def list_uploads(
+    user: CurrentUser, session: DB, ctx: Ctx, resource_id: str | None = None
+) -> list[UploadRecord]:
+    """The uploads of a dataset or model, or without ``resource_id`` the user's preuploads
+    (not part of tus): state, offset and bytes received."""
+    version = (
+        Upload.resource_id.is_(None) if resource_id is None else Upload.resource_id == resource_id
+    )
     rows = session.scalars(
-        select(Upload)
-        .where(Upload.owner_id == user.id, Upload.resource_id == resource_id)
-        .order_by(Upload.created_at)
+        select(Upload).where(Upload.owner_id == user.id, version).order_by(Upload.created_at)
     )
     return [
         UploadRecord(
@@ -417,11 +458,12 @@ def _take_receiver(ctx: ServerContext, upload: Upload, start: int) -> PackReceiv
         return receiver
     if receiver is not None:  # pragma: no cover - offsets and receivers move together
         receiver.close()
-    if start != 0 or upload.resource_id is None:
+    if start != 0:
         return None
     journal = journal_path(ctx, upload.id)
     journal.unlink(missing_ok=True)
-    return PackReceiver(ctx.objects, VersionSizes(ctx, upload.resource_id), journal)
+    sizes = VersionSizes(ctx, upload.resource_id) if upload.resource_id else None
+    return PackReceiver(ctx.objects, sizes, journal)
 
 
 def _drop_receiver(upload_id: str) -> None:
@@ -608,7 +650,23 @@ def _complete(ctx: ServerContext, session: Session, upload: Upload) -> Future | 
         return None
     upload.state = VERIFYING
     session.commit()
-    return ctx.scheduler.background.submit(process_upload, ctx, upload.id)
+    return _verify(ctx, upload.id)
+
+
+def _verify(ctx: ServerContext, upload_id: str) -> Future:
+    """Start :func:`process_upload` on a worker thread, kept in ``ctx.verifying`` until it
+    ends."""
+    with _hashers_lock:
+        job = ctx.scheduler.background.submit(process_upload, ctx, upload_id)
+        ctx.verifying[upload_id] = job
+
+    def done(_: Future) -> None:
+        with _hashers_lock:
+            if ctx.verifying.get(upload_id) is job:
+                del ctx.verifying[upload_id]
+
+    job.add_done_callback(done)
+    return job
 
 
 @router.delete("/{upload_id}", status_code=204)
@@ -666,8 +724,8 @@ def _store_pack(ctx: ServerContext, upload: Upload, path: Path) -> list[str]:
         receiver.close()
     if journal_path(ctx, upload.id).exists():  # the bytes went to the receiver only
         raise ValueError(receiver.gave_up if receiver and receiver.gave_up else "pack incomplete")
-    if upload.resource_id is None:
-        raise ValueError(f"pack upload {upload.id} names no dataset or model")
+    if upload.resource_id is None:  # pragma: no cover - a preupload's bytes go to its receiver
+        raise ValueError(f"preupload {upload.id} was not received as it streamed")
     return ingest_pack(ctx, path, manifest_sizes(ctx, upload.resource_id))
 
 
@@ -727,7 +785,7 @@ def resume_verification(ctx: ServerContext) -> None:
     with ctx.sessions() as session:
         pending = list(session.scalars(select(Upload.id).where(Upload.state == VERIFYING)))
     for upload_id in pending:
-        ctx.scheduler.background.submit(process_upload, ctx, upload_id)
+        _verify(ctx, upload_id)
 
 
 def process_upload(ctx: ServerContext, upload_id: str) -> None:
@@ -736,7 +794,7 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
         upload = session.get(Upload, upload_id)
         if upload is None or upload.state != VERIFYING:
             return
-        res = session.get(Resource, upload.resource_id)
+        res = session.get(Resource, upload.resource_id) if upload.resource_id else None
         try:
             path = _assemble(ctx, session, upload) if upload.concat == "final" else None
             path = path or upload_path(ctx, upload.id)
@@ -753,17 +811,19 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
                 ctx.objects.adopt(path, sha256, upload.length, digest)
                 stored = [sha256]
         except (OSError, ValueError, tarfile.TarError, ObjectVerificationError) as err:
-            log.warning("upload %s for %s rejected: %s", upload_id, res.id, err)
+            log.warning("upload %s for %s rejected: %s", upload_id, upload.resource_id, err)
             upload.state, upload.error = FAILED, str(err)
-            res.state, res.error = ResourceState.ERROR, str(err)
+            if res is not None:
+                res.state, res.error = ResourceState.ERROR, str(err)
             upload_path(ctx, upload.id).unlink(missing_ok=True)
             journal_path(ctx, upload.id).unlink(missing_ok=True)
         else:
             upload.state = STORED
             add_refs(session, upload.owner_id, stored)
-            objects_stored(session, res.id, stored)
+            if res is not None:
+                objects_stored(session, res.id, stored)
         session.commit()
-        if upload.state != STORED:
+        if upload.state != STORED or res is None:
             return
         # Uploads of one version finish on several threads at once. Each commits its objects
         # first, then counts what is left in a new transaction, with the version's row locked:
