@@ -21,7 +21,7 @@ from anylearn_sdk import gitsync
 from anylearn_sdk.client.http import ApiClient, make_body
 from anylearn_sdk.config import stored_token
 from anylearn_sdk.content.archive import archive_manifest
-from anylearn_sdk.content.manifest import Manifest, build_manifest
+from anylearn_sdk.content.manifest import Manifest
 from anylearn_sdk.errors import (
     AnylearnError,
     BadRequestError,
@@ -46,6 +46,7 @@ from anylearn_sdk.resources.dataset import Dataset, await_ready, get_ready, star
 from anylearn_sdk.resources.project import Project, ensure_project, find_project
 from anylearn_sdk.resources.runtime import check_amounts, resolve_mirror, resolve_quota_group
 from anylearn_sdk.resources.train_task import TrainTask
+from anylearn_sdk.resources.upload import build_and_preupload
 from anylearn_sdk.session import SdkContext, get_context, server_id_of
 from anylearn_sdk.states import TaskState
 from anylearn_sdk.wire import (
@@ -380,7 +381,8 @@ def quick_train(
         commit="",
     )
 
-    # 3. Local work that creates nothing remotely: pin the code, hash the data.
+    # 3. Local work: pin the code, hash the data. Only objects leave meanwhile (preuploads of
+    # small files, which are the user's objects and no version): nothing is created yet.
     try:
         if alg_dir is not None:
             snap = gitsync.snapshot(
@@ -392,16 +394,17 @@ def quick_train(
         else:
             snap = None
         identity: dict[str, Any] = {"commit": snap.commit if snap else algorithm_git_ref}
-        manifests: list[tuple[str, Manifest, str]] = []
+        # (kind, manifest, name, bytes preuploaded while it was hashed)
+        manifests: list[tuple[str, Manifest, str, int]] = []
         for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
             if folder is not None:
-                manifest = build_manifest(folder, ctx.store, report, label=folder.name)
-                manifests.append((kind, manifest, folder.name))
+                manifest, sent = build_and_preupload(ctx, folder, report, folder.name)
+                manifests.append((kind, manifest, folder.name, sent))
                 identity[f"{kind}_dir"] = manifest.checksum
         if archive is not None:
             name = algorithm_name_for(archive.name.split(".")[0])
             manifest = archive_manifest(archive, ctx.store, report, name)
-            manifests.append(("dataset", manifest, name))
+            manifests.append(("dataset", manifest, name, 0))
             identity["dataset_archive"] = manifest.checksum
         if _resume is not None:
             _check_unchanged(arguments, _resume.identity, identity)
@@ -440,7 +443,7 @@ def _submit(
     report: ProgressCallback,
     *,
     snap: gitsync.Snapshot | None,
-    manifests: list[tuple[str, Manifest, str]],
+    manifests: list[tuple[str, Manifest, str, int]],
     found_project: Project | None,
     new_project_name: str | None,
     existing_alg: AlgorithmRecord | None,
@@ -474,8 +477,18 @@ def _submit(
     # On Ctrl-C every upload thread ends within one chunk read; the journal keeps every unit.
     with stoppable_pool(2, "anylearn-upload") as (pool, stop):
         pending = [
-            start_sync(ctx, kind, manifest, name, project.id, pool, report, interrupt=stop)
-            for kind, manifest, name in manifests
+            start_sync(
+                ctx,
+                kind,
+                manifest,
+                name,
+                project.id,
+                pool,
+                report,
+                interrupt=stop,
+                preuploaded=sent,
+            )
+            for kind, manifest, name, sent in manifests
         ]
         for item in pending:
             synced[item.resource.kind].append(

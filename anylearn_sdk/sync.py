@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import cast
 
 from anylearn_sdk.content.archive import archive_manifest
-from anylearn_sdk.content.hashing import OnHashed
 from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.errors import InvalidArgumentError
 from anylearn_sdk.interrupts import INTERRUPTED_MESSAGE, stoppable_pool
-from anylearn_sdk.progress import UPLOADING, ProgressCallback, resolve_progress
+from anylearn_sdk.progress import ProgressCallback, resolve_progress
 from anylearn_sdk.resources.algorithm import algorithm_name_for
 from anylearn_sdk.resources.dataset import (
     Dataset,
@@ -27,24 +26,19 @@ from anylearn_sdk.resources.dataset import (
     start_sync,
 )
 from anylearn_sdk.resources.project import ensure_project, find_project
-from anylearn_sdk.resources.upload import Preuploads, plan_units, upload_streams
+from anylearn_sdk.resources.upload import build_and_preupload, plan_units, upload_streams
 from anylearn_sdk.session import get_context
 from anylearn_sdk.states import ResourceState
 from anylearn_sdk.wire import DigestList, MissingObjects
 
 
-def _manifest_of(
-    folder: Path | None,
-    archive: Path | None,
-    report: ProgressCallback,
-    on_hashed: OnHashed | None = None,
-):
+def _manifest_of(folder: Path | None, archive: Path | None, report: ProgressCallback):
     ctx = get_context()
     if archive is not None:
         return archive_manifest(archive, ctx.store, report, archive.name)
     if folder is None:
         raise InvalidArgumentError("give dataset_dir or dataset_archive")
-    return build_manifest(folder, ctx.store, report, label=folder.name, on_hashed=on_hashed)
+    return build_manifest(folder, ctx.store, report, label=folder.name)
 
 
 def _source(
@@ -83,11 +77,10 @@ def _sync(
         with stoppable_pool(1, "anylearn-upload") as (pool, stop):
             source = archive if archive is not None else folder
             guess = pool.submit(last_known, ctx, kind, str(source.resolve())) if source else None
-            # The folder's small files leave in packs while the rest is hashed.
-            scope = f"preupload:{source.resolve() if source else ''}"
-            with Preuploads(ctx, scope, report, f"{UPLOADING} {name}", interrupt=stop) as early:
-                manifest = _manifest_of(folder, archive, report, early.add)
-                preuploaded = early.finish()
+            if folder is not None:  # its small files leave in packs while the rest is hashed
+                manifest, preuploaded = build_and_preupload(ctx, folder, report, name, stop)
+            else:
+                manifest, preuploaded = _manifest_of(folder, archive, report), 0
             pending = start_sync(
                 ctx,
                 kind,

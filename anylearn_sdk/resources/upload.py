@@ -30,13 +30,15 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from anylearn_sdk.client.tus import Body, TusClient, UploadStopped
 from anylearn_sdk.config import STREAMS_VAR, env_positive_int
 from anylearn_sdk.content.hashing import ScannedFile
+from anylearn_sdk.content.manifest import Manifest, build_manifest
 from anylearn_sdk.content.pack import PackMember, PackReader
 from anylearn_sdk.content.sources import FileSource, Source, close_archives
-from anylearn_sdk.progress import ProgressCallback
+from anylearn_sdk.progress import UPLOADING, ProgressCallback
 from anylearn_sdk.session import SdkContext
 from anylearn_sdk.wire import DigestList, MissingObjects
 
@@ -360,3 +362,21 @@ class Preuploads:
         if members and self._run is not None:
             reader = PackReader(members)
             self._run.send(Unit(f"pack:{reader.key}", reader, {"kind": "pack"}))
+
+
+def build_and_preupload(
+    ctx: SdkContext,
+    folder: Path,
+    progress: ProgressCallback,
+    name: str,
+    interrupt: threading.Event | None = None,
+) -> tuple[Manifest, int]:
+    """:func:`~anylearn_sdk.content.manifest.build_manifest` of ``folder`` with its small
+    files preuploaded as they are hashed (:class:`Preuploads`); ``name`` names the version in
+    the ``uploading`` phase. Returns the manifest and the bytes sent."""
+    scope = f"preupload:{folder.resolve()}"
+    with Preuploads(ctx, scope, progress, f"{UPLOADING} {name}", interrupt=interrupt) as early:
+        manifest = build_manifest(
+            folder, ctx.store, progress, label=folder.name, on_hashed=early.add
+        )
+        return manifest, early.finish()

@@ -291,9 +291,10 @@ def pack_folder(folder: Path) -> bytes:
     """``folder`` as an uncompressed tar, members relative to it (empty if it is missing).
 
     The ranks may be writing while it is packed (a periodic output sync): each regular file
-    is read whole first and stored as read, so a file rewritten meanwhile is a consistent
-    snapshot, never a member whose header promises more bytes than follow. A file that
-    vanished meanwhile is left out (the next sync has it, or its absence)."""
+    is read to its end first and stored as read, so a member's header always gives the bytes
+    that follow it, never more. A file rewritten while it was read may hold the start of one
+    version and the rest of the next (as ``rsync`` or ``cp`` would copy it); the next sync
+    has a whole one. A file that vanished meanwhile is left out."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         if folder.is_dir():
