@@ -379,7 +379,6 @@ def make_router(kind: str) -> APIRouter:
         digests of the objects to upload (after the user's preuploads being verified are
         stored).
         """
-        await_preuploads(ctx, user.id)
         try:
             described = _described(session, user, kind, body)
         except ValueError as err:
@@ -387,6 +386,10 @@ def make_router(kind: str) -> APIRouter:
         if hashlib.sha256(described.canonical).hexdigest() != body.checksum:
             raise bad_request(f"checksum {body.checksum} does not match the manifest")
         project = owned_project(session, user, body.project_id)
+        # Checked while the last preupload was being flushed; what is missing is asked after,
+        # in a transaction begun after the wait (one begun before would not see its objects).
+        session.commit()
+        await_preuploads(ctx, user.id)
         res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:
