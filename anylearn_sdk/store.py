@@ -199,6 +199,10 @@ class LocalStore:
         if db is None:
             db = sqlite_utils.Database(self.path)
             db.execute("PRAGMA busy_timeout = 30000")
+            # WAL with NORMAL: a commit is safe from a crash of the process (what the upload
+            # journal must survive) without an fsync each; a power loss may drop the last few,
+            # which costs a rerun some hashing or an upload created again.
+            db.execute("PRAGMA synchronous = NORMAL")
             self._local.db = db
         return db
 
@@ -307,9 +311,14 @@ class LocalStore:
         """Remember ``root``'s manifest; ``entries_z`` (zlib of its canonical JSON, for an
         archive) or ``walk`` (the folder's walk with its digests, for a folder) lets the next
         version be built from this one and sent as a delta against it."""
-        with self._write():
-            self.db["folder_manifests"].upsert(
-                {"root": root, **state.__dict__, "entries_z": entries_z, "walk_z": walk}, pk="root"
+        row = {"root": root, **state.__dict__, "entries_z": entries_z, "walk_z": walk}
+        # One statement: sqlite-utils' upsert inserts, then updates, writing the walk twice.
+        columns = ", ".join(row)
+        with self._write() as db:
+            db.execute(
+                f"insert or replace into folder_manifests ({columns}) "  # noqa: S608 - our names
+                f"values ({', '.join(':' + c for c in row)})",
+                row,
             )
 
     def folder_walk(self, root: str) -> bytes | None:

@@ -70,7 +70,9 @@ def _sync(
     report = resolve_progress(progress)
     ctx = get_context()
 
-    def project_id() -> str:
+    def project_id() -> str | None:
+        if project_name is None:
+            return None  # the server files it under the user's default project
         return ensure_project(ctx, *find_project(ctx, None, project_name)).id
 
     try:

@@ -212,7 +212,7 @@ def start_sync(
     kind: str,
     manifest: Manifest,
     name: str,
-    project_id: str | Callable[[], str],
+    project_id: str | None | Callable[[], str | None],
     pool: ThreadPoolExecutor,
     progress: ProgressCallback,
     guess: Future | None = None,
@@ -222,8 +222,9 @@ def start_sync(
     """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``.
 
     Args:
-        project_id: the project a new version is filed under, or a callable giving it (asked
-            only if a new version must be registered, so an unchanged resubmit skips it).
+        project_id: the project a new version is filed under (None: the user's default
+            one), or a callable giving it (asked only if a new version must be registered, so
+            an unchanged resubmit skips it).
         guess: a future of :func:`last_known`, used if it answered for this checksum.
         interrupt: set it to stop the upload's threads within a fraction of a second (the
             journal keeps what was sent, so a rerun resumes).
@@ -236,6 +237,10 @@ def start_sync(
         guessed = None  # asked again below; a lasting failure is raised there
     if guessed is not None and guessed[0] == manifest.checksum:
         known = guessed[1]
+    elif manifest.delta() is not None:
+        # Changed since its last version: registering the few changed entries costs no more
+        # than asking about the checksum first, and answers an existing version all the same.
+        known = None
     else:
         known = known_resource(ctx, kind, manifest.checksum)
     if known is not None and known.state == ResourceState.READY:
@@ -288,7 +293,7 @@ def start_sync(
 
 
 def _register(
-    ctx: SdkContext, kind: str, manifest: Manifest, name: str, project_id: str
+    ctx: SdkContext, kind: str, manifest: Manifest, name: str, project_id: str | None
 ) -> Dataset:
     """Register the version: as a delta against the folder's previous version when the server
     has it (a few entries instead of one per file), else with the whole manifest.
