@@ -411,7 +411,7 @@ def quick_train(
         else:
             host, username = ctx.settings.host, ctx.settings.username
             ctx.store.save_call(ctx.server_id, call_id, host, username, arguments, identity)
-        return _submit(
+        submitted = _submit(
             ctx,
             report,
             snap=snap,
@@ -428,6 +428,9 @@ def quick_train(
             draft=draft,
             call_id=call_id,
         )
+        for _, manifest, _, _ in manifests:
+            manifest.saved()  # written while the call went on
+        return submitted
     except PERMANENT_ERRORS:
         ctx.store.drop_call(ctx.server_id, call_id)  # running it again would fail the same way
         raise

@@ -33,7 +33,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,9 @@ class LocalStore:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = home / DB_FILE
         self._local = threading.local()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_lock = threading.Lock()
+        self._last_write: Future | None = None
         with self.db.ensure_autocommit_on():
             self.db.execute("PRAGMA journal_mode = WAL")
         migrations.apply(self.db)
@@ -222,6 +226,22 @@ class LocalStore:
             db.conn.rollback()
             raise
         db.conn.commit()
+
+    def in_background(self, write: Callable[[], None]) -> Future:
+        """Run ``write`` (a store write nobody waits for at once) on the store's writer
+        thread, which keeps its own connection; its future re-raises a failure."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="anylearn-store")
+            self._last_write = self._writer.submit(write)
+            return self._last_write
+
+    def _settled(self) -> None:
+        """Wait for the writes started by :meth:`in_background` (one thread, in order), so a
+        read sees them; a failed one is not raised here (its future does)."""
+        last = self._last_write
+        if last is not None:
+            wait([last])
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -282,6 +302,8 @@ class LocalStore:
                 )
 
     def folder_manifest(self, root: str) -> FolderManifest | None:
+        """``root``'s last manifest (after the writes still going on in the background)."""
+        self._settled()
         rows = list(
             self.db.query(
                 "select fingerprint, checksum, file_count, total_bytes, max_mtime_ns, "
@@ -323,11 +345,13 @@ class LocalStore:
 
     def folder_walk(self, root: str) -> bytes | None:
         """The ``walk`` saved with ``root``'s manifest, if any."""
+        self._settled()
         rows = list(self.db.query("select walk_z from folder_manifests where root = ?", [root]))
         return rows[0]["walk_z"] if rows else None
 
     def folder_entries(self, root: str) -> bytes | None:
         """The ``entries_z`` saved with ``root``'s manifest, if any."""
+        self._settled()
         rows = list(self.db.query("select entries_z from folder_manifests where root = ?", [root]))
         return rows[0]["entries_z"] if rows else None
 

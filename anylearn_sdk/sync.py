@@ -95,9 +95,11 @@ def _sync(
                 interrupt=stop,
                 preuploaded=preuploaded,
             )
-            return await_ready(
+            ready = await_ready(
                 ctx, pending, polling=resource_polling, timeout=resource_timeout, progress=report
             )
+            manifest.saved()  # written while the version was registered
+            return ready
     except KeyboardInterrupt:
         report.message(INTERRUPTED_MESSAGE)
         raise

@@ -26,6 +26,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import itemgetter, ne
@@ -109,6 +110,19 @@ class Manifest:
     _rows: list | None = field(default=None, repr=False)
     _root: str | None = field(default=None, repr=False)
     _delta: Delta | None = field(default=None, repr=False)
+    #: The folder's state being written to the local store (see :meth:`saved`).
+    _saving: Future | None = field(default=None, repr=False)
+
+    def saved(self) -> None:
+        """Wait until this folder's state (its fingerprint and walk, what makes the next
+        build cheap) is in the local store; :func:`build_manifest` writes it on the store's
+        writer thread, so that registering the version need not wait for it.
+
+        Raises:
+            sqlite3.Error: the write failed (the next build then hashes more).
+        """
+        if self._saving is not None:
+            self._saving.result()
 
     def _loaded(self) -> None:
         if (
@@ -500,7 +514,9 @@ def build_manifest(
         max(map(itemgetter(2), files), default=0),
         started_ns,
     )
-    store.save_folder_manifest(key, state, walk=walk.dump())
+    manifest._saving = store.in_background(
+        lambda: store.save_folder_manifest(key, state, walk=walk.dump())
+    )
     return manifest
 
 
