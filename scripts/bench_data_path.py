@@ -12,7 +12,8 @@ random loopback port, and prints each figure as a ratio to its reference:
 - upload of the large files vs. ``curl -T`` of the same bytes to the same server;
 - upload of the small files vs. ``tar -cf`` of them (packing reference, for information), and
   call to READY vs. ``rsync -a`` + ``sync`` of them to a fresh folder, with each phase's times
-  and how long READY followed the last acknowledged byte;
+  and how long READY followed the last acknowledged byte; and for comparison the server alone
+  receiving, verifying and storing the same files (the packs sent by ``curl -T``);
 - one changed small file: call to READY, against twice the unchanged resubmit plus the file's
   upload.
 
@@ -40,7 +41,10 @@ import requests
 from anylearn_sdk import init_sdk, sync_dataset
 from anylearn_sdk.content.hashing import ScannedFile, hash_files
 from anylearn_sdk.content.manifest import build_manifest, scan
+from anylearn_sdk.content.pack import PackMember, PackReader
+from anylearn_sdk.content.sources import FileSource
 from anylearn_sdk.protocol import ManifestEntry, manifest_checksum
+from anylearn_sdk.resources.upload import PACK_BYTES
 from anylearn_sdk.session import get_context, reset
 from anylearn_sdk.store import LocalStore
 
@@ -193,31 +197,83 @@ def curl_upload(url: str, token: str, files: list[Path]) -> float:
         )
         created.raise_for_status()
         start = time.perf_counter()
-        subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-f",
-                "-o",
-                "/dev/null",
-                "-X",
-                "PATCH",
-                "-T",
-                str(path),
-                "-H",
-                f"Authorization: Bearer {token}",
-                "-H",
-                "Tus-Resumable: 1.0.0",
-                "-H",
-                "Upload-Offset: 0",
-                "-H",
-                "Content-Type: application/offset+octet-stream",
-                f"{url}{created.headers['Location']}",
-            ],
-            check=True,
-        )
+        subprocess.run(curl_patch(url, token, path, created.headers["Location"]), check=True)
         total += time.perf_counter() - start
     return total
+
+
+def curl_patch(url: str, token: str, path: Path, location: str) -> list[str]:
+    """``curl -T``: the whole file as one tus PATCH at offset 0 to the upload ``location``."""
+    return [
+        "curl",
+        "-sS",
+        "-f",
+        "-o",
+        "/dev/null",
+        "-X",
+        "PATCH",
+        "-T",
+        str(path),
+        "-H",
+        f"Authorization: Bearer {token}",
+        "-H",
+        "Tus-Resumable: 1.0.0",
+        "-H",
+        "Upload-Offset: 0",
+        "-H",
+        "Content-Type: application/offset+octet-stream",
+        f"{url}{location}",
+    ]
+
+
+def server_alone(url: str, token: str, root: Path, packs_dir: Path, streams: int = 2) -> float:
+    """Seconds for the server alone to receive, verify and store ``root``'s files: the packs the
+    SDK would send, written to ``packs_dir`` beforehand, sent as preuploads by ``curl -T`` on
+    ``streams`` processes, until every one is stored. No client hashing and no Python sender:
+    the floor of the SDK's cold path on this machine."""
+    paths = sorted(root.rglob("*.bin"))
+    digests = hash_files(
+        [ScannedFile(p.name, str(p), p.stat().st_size, 0, 0, 0) for p in paths], lambda n: None
+    )
+    members = [
+        PackMember(d, p.stat().st_size, FileSource(str(p), p.stat().st_size))
+        for p, d in zip(paths, digests, strict=True)
+    ]
+    packs_dir.mkdir()
+    packs, size, current = [], 0, []
+    for member in members + [None]:
+        if member is not None:
+            current.append(member)
+            size += member.size
+        if current and (member is None or size >= PACK_BYTES):
+            reader, path = PackReader(current), packs_dir / f"{len(packs)}.tar"
+            with open(path, "wb") as f:
+                for offset in range(0, reader.length, 8 * ONE_MIB):
+                    f.write(reader.read_at(offset, 8 * ONE_MIB))
+            packs.append(path)
+            current, size = [], 0
+    os.sync()
+    auth = {"Authorization": f"Bearer {token}", "Tus-Resumable": "1.0.0"}
+    meta = "kind " + base64.b64encode(b"pack").decode()
+    locations = []
+    for path in packs:
+        headers = {**auth, "Upload-Length": str(path.stat().st_size), "Upload-Metadata": meta}
+        created = requests.post(f"{url}/api/v1/uploads", headers=headers, timeout=60)
+        created.raise_for_status()
+        locations.append(created.headers["Location"])
+    queue, running = list(zip(packs, locations, strict=True)), []
+    start = time.perf_counter()
+    while queue or running:
+        while queue and len(running) < streams:
+            running.append(subprocess.Popen(curl_patch(url, token, *queue.pop(0))))
+        running = [proc for proc in running if proc.poll() is None]
+        time.sleep(0.005)
+    while any(
+        u["state"] != "STORED"
+        for u in requests.get(f"{url}/api/v1/uploads", headers=auth, timeout=60).json()
+    ):
+        time.sleep(0.01)
+    return time.perf_counter() - start
 
 
 TICK = "import time\nprint('first line', flush=True)\ntime.sleep(0.5)\n"
@@ -394,6 +450,19 @@ def main() -> int:
             seconds / rsync_seconds,
             "<= 1.5",
             seconds / rsync_seconds <= 1.5,
+        )
+        # On a fresh server: the first one holds these objects already, and would not write.
+        fresh, fresh_url, fresh_admin = start_server(work / "server-alone")
+        try:
+            token = new_user(fresh_url, fresh_admin, "alone")
+            alone = server_alone(fresh_url, token, small, work / "packs")
+        finally:
+            fresh.terminate()
+            fresh.wait(timeout=30)
+        report(
+            "  for comparison: the server alone (curl -T of the packs)",
+            f"{alone:.2f} s",
+            alone / rsync_seconds,
         )
         clock.print_phases(start, seconds)
         last_byte = clock.spans["uploading"][1] - start
