@@ -18,6 +18,7 @@ import shlex
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from operator import lt
 from pathlib import PurePosixPath
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -159,6 +160,8 @@ def validate_manifest(entries: Iterable[Mapping]) -> list[ManifestEntry]:
             if p in paths:
                 raise ValueError(f"manifest path {p!r} is both a file and a folder")
             folders.add(p)
+    if all(map(lt, parsed, parsed[1:])):  # sent in canonical order, as our client does
+        return parsed
     return sorted(parsed)
 
 

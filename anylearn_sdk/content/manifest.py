@@ -112,6 +112,7 @@ class Manifest:
     _delta: Delta | None = field(default=None, repr=False)
     #: The folder's state being written to the local store (see :meth:`saved`).
     _saving: Future | None = field(default=None, repr=False)
+    _wire: list[dict] | None = field(default=None, repr=False)
 
     def saved(self) -> None:
         """Wait until this folder's state (its fingerprint and walk, what makes the next
@@ -142,6 +143,20 @@ class Manifest:
         if self._rows is None and self._entries is None and self._canonical is not None:
             self._rows = json.loads(self._canonical)
         return self._rows
+
+    def wire(self) -> list[dict]:
+        """The entries as a registration sends them (``ManifestEntry.to_json`` of each, built
+        from the rows without an entry object per file; kept, so it can be made in advance)."""
+        if self._wire is None:
+            rows = self._row_list()
+            if rows is None:
+                self._wire = [e.to_json() for e in self.entries]
+            else:
+                self._wire = [
+                    {"path": path, "size": size, "mode": mode, "sha256": digest}
+                    for path, size, mode, digest in rows
+                ]
+        return self._wire
 
     @property
     def entries(self) -> list[ManifestEntry]:

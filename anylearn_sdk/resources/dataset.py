@@ -318,7 +318,7 @@ def _register(
             pass  # the server lost the base version: send the whole manifest
     whole = NewResource.model_construct(
         **common,
-        manifest=[e.to_json() for e in manifest.entries],
+        manifest=manifest.wire(),
         base_checksum=None,
         changes=[],
         removed=[],

@@ -319,6 +319,11 @@ class Preuploads:
             if self._bytes >= PACK_BYTES:
                 self._flush()
 
+    @property
+    def sending(self) -> bool:
+        """True once a pack has left."""
+        return self._run is not None
+
     def finish(self) -> int:
         """Send what is left if a pack was sent, wait until every pack is acknowledged; the
         bytes sent.
@@ -379,4 +384,6 @@ def build_and_preupload(
         manifest = build_manifest(
             folder, ctx.store, progress, label=folder.name, on_hashed=early.add
         )
+        if early.sending and manifest.delta() is None:
+            manifest.wire()  # the registration's body, made while the last packs travel
         return manifest, early.finish()
