@@ -46,7 +46,7 @@ from anylearn_sdk.resources.dataset import Dataset, await_ready, get_ready, star
 from anylearn_sdk.resources.project import Project, ensure_project, find_project
 from anylearn_sdk.resources.runtime import check_amounts, resolve_mirror, resolve_quota_group
 from anylearn_sdk.resources.train_task import TrainTask
-from anylearn_sdk.resources.upload import build_and_preupload
+from anylearn_sdk.resources.upload import Preuploads, build_and_preupload, preuploads_for
 from anylearn_sdk.session import SdkContext, get_context, server_id_of
 from anylearn_sdk.states import TaskState
 from anylearn_sdk.wire import (
@@ -394,17 +394,19 @@ def quick_train(
         else:
             snap = None
         identity: dict[str, Any] = {"commit": snap.commit if snap else algorithm_git_ref}
-        # (kind, manifest, name, bytes preuploaded while it was hashed)
-        manifests: list[tuple[str, Manifest, str, int]] = []
+        # (kind, manifest, name, its preuploads: sent while it was hashed)
+        manifests: list[tuple[str, Manifest, str, Preuploads | None]] = []
         for kind, folder in (("dataset", data_dir), ("model", mdl_dir)):
             if folder is not None:
-                manifest, sent = build_and_preupload(ctx, folder, report, folder.name)
-                manifests.append((kind, manifest, folder.name, sent))
+                with preuploads_for(ctx, folder, report, folder.name) as early:
+                    manifest = build_and_preupload(ctx, folder, report, folder.name, early)
+                    early.finish()  # before anything is created on the server
+                manifests.append((kind, manifest, folder.name, early))
                 identity[f"{kind}_dir"] = manifest.checksum
         if archive is not None:
             name = algorithm_name_for(archive.name.split(".")[0])
             manifest = archive_manifest(archive, ctx.store, report, name)
-            manifests.append(("dataset", manifest, name, 0))
+            manifests.append(("dataset", manifest, name, None))
             identity["dataset_archive"] = manifest.checksum
         if _resume is not None:
             _check_unchanged(arguments, _resume.identity, identity)
@@ -446,7 +448,7 @@ def _submit(
     report: ProgressCallback,
     *,
     snap: gitsync.Snapshot | None,
-    manifests: list[tuple[str, Manifest, str, int]],
+    manifests: list[tuple[str, Manifest, str, Preuploads | None]],
     found_project: Project | None,
     new_project_name: str | None,
     existing_alg: AlgorithmRecord | None,
@@ -489,9 +491,9 @@ def _submit(
                 pool,
                 report,
                 interrupt=stop,
-                preuploaded=sent,
+                early=early,
             )
-            for kind, manifest, name, sent in manifests
+            for kind, manifest, name, early in manifests
         ]
         for item in pending:
             synced[item.resource.kind].append(

@@ -26,7 +26,12 @@ from anylearn_sdk.resources.dataset import (
     start_sync,
 )
 from anylearn_sdk.resources.project import ensure_project, find_project
-from anylearn_sdk.resources.upload import build_and_preupload, plan_units, upload_streams
+from anylearn_sdk.resources.upload import (
+    build_and_preupload,
+    plan_units,
+    preuploads_for,
+    upload_streams,
+)
 from anylearn_sdk.session import get_context
 from anylearn_sdk.states import ResourceState
 from anylearn_sdk.wire import DigestList, MissingObjects
@@ -79,25 +84,23 @@ def _sync(
         with stoppable_pool(1, "anylearn-upload") as (pool, stop):
             source = archive if archive is not None else folder
             guess = pool.submit(last_known, ctx, kind, str(source.resolve())) if source else None
-            if folder is not None:  # its small files leave in packs while the rest is hashed
-                manifest, preuploaded = build_and_preupload(ctx, folder, report, name, stop)
-            else:
-                manifest, preuploaded = _manifest_of(folder, archive, report), 0
-            pending = start_sync(
-                ctx,
-                kind,
-                manifest,
-                name,
-                project_id,
-                pool,
-                report,
-                guess,
-                interrupt=stop,
-                preuploaded=preuploaded,
-            )
-            ready = await_ready(
-                ctx, pending, polling=resource_polling, timeout=resource_timeout, progress=report
-            )
+            # A folder's small files leave in packs while the rest is hashed; the version is
+            # registered while the last ones travel.
+            with preuploads_for(ctx, folder, report, name, stop) as early:
+                if folder is not None:
+                    manifest = build_and_preupload(ctx, folder, report, name, early)
+                else:
+                    manifest = _manifest_of(folder, archive, report)
+                pending = start_sync(
+                    ctx, kind, manifest, name, project_id, pool, report, guess, stop, early
+                )
+                ready = await_ready(
+                    ctx,
+                    pending,
+                    polling=resource_polling,
+                    timeout=resource_timeout,
+                    progress=report,
+                )
             manifest.saved()  # written while the version was registered
             return ready
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 import time
 import zipfile
 
@@ -18,8 +19,9 @@ from anylearn_sdk import preview_dataset, sync_dataset
 from anylearn_sdk.cli.main import cli
 from anylearn_sdk.client.tus import TUS_VERSION, TusClient, encode_metadata
 from anylearn_sdk.content.manifest import build_manifest
+from anylearn_sdk.errors import ResourceError
 from anylearn_sdk.protocol import ManifestEntry, manifest_checksum
-from anylearn_sdk.resources import upload
+from anylearn_sdk.resources import dataset, upload
 from anylearn_sdk.resources.upload import SliceBody
 from anylearn_sdk.session import get_context, init_sdk
 from tests.conftest import age, start_server
@@ -404,3 +406,56 @@ def test_a_preupload_that_fails_verification_fails_alone(user, tmp_path):
     [preupload] = ctx.api.get_json("/uploads")
     assert preupload["state"] == "FAILED" and "failed verification" in preupload["error"]
     assert res["state"] == "UPLOADING" and res["missing"] == sorted([good.sha256, bad.sha256])
+
+
+def test_a_version_registered_before_its_preuploads_arrive_becomes_ready_as_they_do(
+    user, tmp_path, monkeypatch
+):
+    """The version is registered while its packs still travel (held back here): it lists
+    their objects missing, the client does not send them again, and each stored preupload
+    strikes its objects off, so the version ends READY."""
+    monkeypatch.setattr(upload, "PACK_BYTES", 40_000)
+    data = make_folder(tmp_path / "data", small=50)
+    registered = threading.Event()
+    send = upload.UploadRun.send
+
+    def after_registration(self, unit):
+        assert registered.wait(30)
+        return send(self, unit)
+
+    register_version = dataset._register
+
+    def register_first(*args, **kwargs):
+        version = register_version(*args, **kwargs)
+        assert len(version.missing) == 50  # nothing had arrived
+        registered.set()
+        return version
+
+    monkeypatch.setattr(upload.UploadRun, "send", after_registration)
+    monkeypatch.setattr(dataset, "_register", register_first)
+    result = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert result.state == "READY" and registered.is_set()
+    ctx = get_context()
+    assert ctx.api.get_json("/uploads", params={"resource_id": result.id}) == []
+    assert result.uploaded_bytes == sum(u["length"] for u in ctx.api.get_json("/uploads"))
+
+
+def test_a_preupload_refused_after_registration_fails_the_sync(user, tmp_path, monkeypatch):
+    """A pack the server refuses once the version lists its objects: the call ends with the
+    reason rather than waiting for objects that will not come, and a rerun sends them."""
+    monkeypatch.setattr(upload, "PACK_BYTES", 40_000)
+    data = make_folder(tmp_path / "data", small=50)
+    read_at = upload.PackReader.read_at
+
+    def corrupt(self, offset, size):
+        data_ = bytearray(read_at(self, offset, size))
+        if offset == 0 and len(data_) > 600:
+            data_[600] ^= 0xFF  # the first member's first bytes
+        return bytes(data_)
+
+    monkeypatch.setattr(upload.PackReader, "read_at", corrupt)
+    with pytest.raises(ResourceError, match="preupload .* failed: object .* failed verification"):
+        sync_dataset(data, progress=False, resource_polling=0.1, resource_timeout=30)
+    monkeypatch.setattr(upload.PackReader, "read_at", read_at)
+    again = sync_dataset(data, progress=False, resource_polling=0.1)
+    assert again.state == "READY"

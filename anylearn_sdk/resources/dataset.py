@@ -27,7 +27,7 @@ from anylearn_sdk.errors import (
 )
 from anylearn_sdk.progress import UPLOADING, VERIFYING, ProgressCallback
 from anylearn_sdk.resources.ids import resolve_id
-from anylearn_sdk.resources.upload import UploadRun, plan_units, upload_streams
+from anylearn_sdk.resources.upload import Preuploads, UploadRun, plan_units, upload_streams
 from anylearn_sdk.session import SdkContext, get_context
 from anylearn_sdk.states import ResourceState, UploadState
 from anylearn_sdk.wire import NewResource, ResourceRecord, UploadRecord
@@ -198,13 +198,13 @@ class PendingUpload:
 
     Attributes:
         upload_bytes: bytes the plan sends (packs included), 0 if nothing was missing.
-        preuploaded: bytes sent before the version was registered (:class:`Preuploads`).
+        early: the preuploads of this version's files, maybe still travelling.
     """
 
     resource: Dataset
     future: Future | None
     upload_bytes: int = 0
-    preuploaded: int = 0
+    early: Preuploads | None = None
 
 
 def start_sync(
@@ -217,7 +217,7 @@ def start_sync(
     progress: ProgressCallback,
     guess: Future | None = None,
     interrupt: threading.Event | None = None,
-    preuploaded: int = 0,
+    early: Preuploads | None = None,
 ) -> PendingUpload:
     """Make sure the server holds ``manifest``; start uploading what it lacks on ``pool``.
 
@@ -228,8 +228,9 @@ def start_sync(
         guess: a future of :func:`last_known`, used if it answered for this checksum.
         interrupt: set it to stop the upload's threads within a fraction of a second (the
             journal keeps what was sent, so a rerun resumes).
-        preuploaded: bytes of this manifest's objects already sent as preuploads (counted in
-            the answer's ``uploaded_bytes``).
+        early: the preuploads of the manifest's files (closed: every pack has left), maybe
+            still travelling: the objects they bring are not sent again, and the version
+            becomes READY as they are stored.
     """
     try:
         guessed = guess.result() if guess is not None else None
@@ -247,21 +248,20 @@ def start_sync(
         ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, known.id, name)
         progress.message(
             f"{kind} {name!r}: {manifest.file_count} files, {manifest.total_bytes} bytes, "
-            f"already on the server as {known.id}; uploaded {preuploaded} bytes"
+            f"already on the server as {known.id}"
         )
-        return PendingUpload(known, None, preuploaded=preuploaded)
+        return PendingUpload(known, None, early=early)
     version = _register(
         ctx, kind, manifest, name, project_id() if callable(project_id) else project_id
     )
     ctx.store.remember_resource(ctx.server_id, kind, manifest.checksum, version.id, name)
-    missing = version.missing or []
+    travelling = early.digests if early is not None else frozenset()
+    missing = [d for d in version.missing or [] if d not in travelling]
     version = version.model_copy(update={"missing": None})
     if not missing:
-        progress.message(
-            f"{kind} {name!r}: every file on the server ({version.id}); "
-            f"uploaded {preuploaded} bytes"
-        )
-        return PendingUpload(version, None, preuploaded=preuploaded)
+        if not travelling:
+            progress.message(f"{kind} {name!r}: every file already on the server ({version.id})")
+        return PendingUpload(version, None, early=early)
     sizes = manifest.sizes_for(missing)
     streams = upload_streams()
     sources = manifest.sources_for(missing)
@@ -271,7 +271,8 @@ def start_sync(
         f"{kind} {name!r}: uploading {len(missing)} of {manifest.file_count} files "
         f"({total} bytes in {len(units)} uploads) as {version.id}"
     )
-    phase = f"{UPLOADING} {name}"
+    # Beside the preuploads' own bar, if they still travel.
+    phase = f"{UPLOADING} {name}" + (", the rest" if travelling else "")
     stop = interrupt or threading.Event()
 
     def upload() -> int:
@@ -289,7 +290,7 @@ def start_sync(
         finally:
             progress.phase_end(phase)
 
-    return PendingUpload(version, pool.submit(upload), total, preuploaded)
+    return PendingUpload(version, pool.submit(upload), total, early)
 
 
 def _register(
@@ -350,12 +351,14 @@ def await_ready(
         AnylearnError: the upload thread failed (its error is re-raised).
     """
     res = pending.resource
+    early = pending.early
+    preuploaded = early.finish() if early is not None else 0  # every pack acknowledged
     if pending.future is None and res.state == ResourceState.READY:
         # known READY a moment ago; nothing more was sent
-        return res.model_copy(update={"uploaded_bytes": pending.preuploaded})
+        return res.model_copy(update={"uploaded_bytes": preuploaded})
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL_SECONDS
-    uploaded = pending.preuploaded
+    uploaded = preuploaded
     verifying: str | None = None
     verified = 0
     try:
@@ -365,7 +368,7 @@ def await_ready(
                 # Wake as soon as the upload ends, but poll at least every ``polling`` seconds.
                 wait([future], timeout=min(polling, max(0.0, deadline - time.monotonic())))
             if future is not None and future.done():
-                uploaded = pending.preuploaded + future.result()  # re-raises its error
+                uploaded = preuploaded + future.result()  # re-raises its error
                 if verifying is None:
                     verifying = f"{VERIFYING} {res.name}"
                     progress.phase_start(verifying, pending.upload_bytes)
@@ -381,7 +384,7 @@ def await_ready(
                 verified = stored
             if state == ResourceState.READY:
                 ctx.store.drop_upload_units(ctx.server_id, res.id)
-                if pending.future is not None:
+                if pending.future is not None or preuploaded:
                     progress.message(
                         f"{res.kind} {res.name!r}: {res.id} READY, uploaded {uploaded} bytes"
                     )
@@ -390,6 +393,10 @@ def await_ready(
                 ctx.store.drop_upload_units(ctx.server_id, res.id)
                 ctx.store.forget_resource(ctx.server_id, res.kind, res.checksum)
                 raise ResourceError(f"{res.kind} {res.id} is {state.value}: {current.error}")
+            waiting = future is None or future.done()
+            failed = early.failures() if waiting and early is not None and early.sending else []
+            if failed:  # what it waits for will not come; a rerun sends those files again
+                raise ResourceError(f"{res.kind} {res.id} is {state.value}: {failed[0]}")
             if time.monotonic() >= deadline:
                 raise AnylearnTimeoutError(
                     f"{res.kind} {res.id} not READY after {timeout} s (state {state.value})"

@@ -40,7 +40,8 @@ from anylearn_sdk.content.pack import PackMember, PackReader
 from anylearn_sdk.content.sources import FileSource, Source, close_archives
 from anylearn_sdk.progress import UPLOADING, ProgressCallback
 from anylearn_sdk.session import SdkContext
-from anylearn_sdk.wire import DigestList, MissingObjects
+from anylearn_sdk.states import UploadState
+from anylearn_sdk.wire import DigestList, MissingObjects, UploadRecord
 
 #: Files at least this large travel alone rather than packed.
 LARGE_FILE_BYTES = 8 * 1024 * 1024
@@ -221,8 +222,8 @@ class UploadRun:
             offset = 0
         return url, offset
 
-    def send(self, unit: Unit) -> None:
-        """Send one unit, resuming it if journaled (any thread)."""
+    def send(self, unit: Unit) -> str:
+        """Send one unit, resuming it if journaled (any thread); its tus URL."""
         if self.interrupt.is_set():
             raise UploadStopped("upload stopped")
         tus = TusClient(self.ctx.api, stop=self.interrupt)
@@ -234,12 +235,13 @@ class UploadRun:
         with self._lock:
             self._sent += sent
             if unit.sha256 is None:  # a pack or a whole object: nothing to join
-                return
+                return url
             urls = self._parts.setdefault(unit.sha256, {})
             urls[unit.index] = url
             if len(urls) < unit.count:
-                return
+                return url
         self._finalize(tus, unit.sha256, [urls[i] for i in range(unit.count)])
+        return url
 
     def _finalize(self, tus: TusClient, sha256: str, urls: list[str]) -> None:
         key = f"final:{sha256}"
@@ -297,6 +299,8 @@ class Preuploads:
         self._members: list[PackMember] = []
         self._bytes = 0
         self._seen: set[str] = set()
+        self._urls: list[str] = []  # of the packs sent
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Preuploads:
         return self
@@ -324,22 +328,47 @@ class Preuploads:
         """True once a pack has left."""
         return self._run is not None
 
+    @property
+    def digests(self) -> frozenset[str]:
+        """The objects these preuploads bring (after :meth:`close`): a version registered
+        meanwhile lists them missing until they are stored, and they are not sent again."""
+        return frozenset(self._seen) if self._run is not None else frozenset()
+
+    def close(self) -> None:
+        """No more files: the last pack leaves if a pack was sent (else nothing is sent early,
+        and the files are left to the plan made after registration)."""
+        if self._run is not None and self._members:
+            self._flush()
+        self._members, self._bytes = [], 0
+
     def finish(self) -> int:
-        """Send what is left if a pack was sent, wait until every pack is acknowledged; the
-        bytes sent.
+        """:meth:`close`, then wait until every pack is acknowledged; the bytes sent (again
+        at each call).
 
         Raises:
             AnylearnError: a pack failed (the first failure).
             UploadStopped: the interrupt was set.
         """
+        self.close()
         if self._run is None:
             return 0
-        if self._members:
-            self._flush()
         _first_error(self._futures)
-        self._end_phase()
-        self._ctx.store.drop_upload_units(self._ctx.server_id, self._scope)
+        if not self._ended:
+            self._end_phase()
+            self._ctx.store.drop_upload_units(self._ctx.server_id, self._scope)
         return self._run.sent
+
+    def failures(self) -> list[str]:
+        """Why preuploads the server refused failed (one line each; empty if none did). Their
+        objects then never arrive, so a version waiting for them must not wait on."""
+        if not self._urls:
+            return []
+        ours = {url.rstrip("/").rsplit("/", 1)[-1] for url in self._urls}
+        return [
+            f"preupload {u.id} failed: {u.error}"
+            for u in self._ctx.api.call("GET", "/uploads", list[UploadRecord])
+            if u.id in ours and u.state == UploadState.FAILED
+        ]
 
     def _flush(self) -> None:
         if self._run is None:
@@ -366,7 +395,23 @@ class Preuploads:
         members = [m for m in members if m.sha256 in lacking]
         if members and self._run is not None:
             reader = PackReader(members)
-            self._run.send(Unit(f"pack:{reader.key}", reader, {"kind": "pack"}))
+            url = self._run.send(Unit(f"pack:{reader.key}", reader, {"kind": "pack"}))
+            with self._lock:
+                self._urls.append(url)
+
+
+def preuploads_for(
+    ctx: SdkContext,
+    folder: Path | None,
+    progress: ProgressCallback,
+    name: str,
+    interrupt: threading.Event | None = None,
+) -> Preuploads:
+    """The :class:`Preuploads` of ``folder`` (None: an archive, whose files are not sent
+    early), its journal scoped to the folder; ``name`` names the version in the ``uploading``
+    phase."""
+    scope = f"preupload:{folder.resolve() if folder else ''}"
+    return Preuploads(ctx, scope, progress, f"{UPLOADING} {name}", interrupt=interrupt)
 
 
 def build_and_preupload(
@@ -374,16 +419,13 @@ def build_and_preupload(
     folder: Path,
     progress: ProgressCallback,
     name: str,
-    interrupt: threading.Event | None = None,
-) -> tuple[Manifest, int]:
+    early: Preuploads,
+) -> Manifest:
     """:func:`~anylearn_sdk.content.manifest.build_manifest` of ``folder`` with its small
-    files preuploaded as they are hashed (:class:`Preuploads`); ``name`` names the version in
-    the ``uploading`` phase. Returns the manifest and the bytes sent."""
-    scope = f"preupload:{folder.resolve()}"
-    with Preuploads(ctx, scope, progress, f"{UPLOADING} {name}", interrupt=interrupt) as early:
-        manifest = build_manifest(
-            folder, ctx.store, progress, label=folder.name, on_hashed=early.add
-        )
-        if early.sending and manifest.delta() is None:
-            manifest.wire()  # the registration's body, made while the last packs travel
-        return manifest, early.finish()
+    files preuploaded as they are hashed by ``early`` (:func:`preuploads_for`); its last pack
+    has left when this returns, and the version can be registered while they travel."""
+    manifest = build_manifest(folder, ctx.store, progress, label=folder.name, on_hashed=early.add)
+    early.close()
+    if early.sending and manifest.delta() is None:
+        manifest.wire()  # the registration's body, made while the last packs travel
+    return manifest

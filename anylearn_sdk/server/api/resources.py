@@ -187,6 +187,28 @@ def objects_stored(session: Session, resource_id: str, digests: Iterable[str]) -
         )
 
 
+def objects_arrived(session: Session, owner_id: str, digests: list[str]) -> None:
+    """A preupload of ``owner_id`` stored ``digests`` (its refs are committed): strike them off
+    the owner's versions still UPLOADING and mark READY those that lack nothing more.
+
+    A version registered while the preupload was stored is not left waiting for them: this
+    runs after the refs' commit, and a registration asks again after its own commit
+    (:func:`still_missing`), so one of the two sees the other.
+    """
+    waiting = session.scalars(
+        select(Resource.id).where(
+            Resource.owner_id == owner_id, Resource.state == ResourceState.UPLOADING
+        )
+    )
+    for resource_id in list(waiting):
+        objects_stored(session, resource_id, digests)
+        session.commit()
+        res = session.get(Resource, resource_id, with_for_update=True, populate_existing=True)
+        if res is not None:
+            ready_if_complete(session, res)
+        session.commit()
+
+
 def ready_if_complete(session: Session, res: Resource) -> None:
     """Mark ``res`` READY if it lacks no object any more (one count)."""
     if res.state not in (ResourceState.CREATED, ResourceState.UPLOADING):
@@ -196,6 +218,22 @@ def ready_if_complete(session: Session, res: Resource) -> None:
     )
     if not left:
         res.state = ResourceState.READY
+
+
+def preuploads_arriving(session: Session, owner_id: str) -> bool:
+    """True if a preupload of ``owner_id`` is being received or verified."""
+    return (
+        session.scalar(
+            select(Upload.id)
+            .where(
+                Upload.owner_id == owner_id,
+                Upload.resource_id.is_(None),
+                Upload.state.in_([UploadState.RECEIVING, UploadState.VERIFYING]),
+            )
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def await_preuploads(ctx: ServerContext, owner_id: str) -> None:
@@ -393,12 +431,22 @@ def make_router(kind: str) -> APIRouter:
         res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:
+            # Asked before what is missing: a preupload stored since (its objects and state
+            # are committed together) is one of these.
+            arriving = preuploads_arriving(session, user.id)
             res = new_version(session, kind, user, project, body.name, described)
             response.status_code = 201
             sizes = described.to_check
             missing = missing_for(session, ctx.objects, user.id, sizes)
             session.flush()
             track_missing(session, res, {d: sizes[d] for d in missing})
+            if missing and arriving:
+                # Preuploads strike their objects off the versions they see when stored
+                # (objects_arrived); one stored after they were asked but before this version
+                # was committed did not see it: ask again.
+                session.commit()
+                res = session.get(Resource, res.id, with_for_update=True, populate_existing=True)
+                missing = still_missing(session, res, ctx.objects)
         else:
             missing = still_missing(session, res, ctx.objects)
         session.commit()

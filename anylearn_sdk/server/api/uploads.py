@@ -27,15 +27,11 @@ Every upload names, in its ``Upload-Metadata``, the dataset or model it belongs 
 
 A ``pack`` may leave out ``resource_id``: a *preupload* (huggingface_hub's term), sent while
 its client is still hashing the folder, before the version exists. Its members are checked
-against their names only (any size); once stored they are the uploader's objects. A
-registration first waits for its owner's preuploads being verified
+against their names only (any size); once stored they are the uploader's objects, struck off
+the missing objects of the uploader's versions still UPLOADING. A registration first waits
+for its owner's preuploads being verified
 (:func:`~anylearn_sdk.server.api.resources.await_preuploads`), so that what they brought is
 not listed missing.
-
-Nothing counts until verified: a version becomes READY once every object of its manifest is
-in the store, and ERROR if any upload fails verification. An upload expires
-``upload_expiry`` seconds after its last byte arrived (tus §Expiration, ``Upload-Expires``);
-expired ones answer 410 and are swept with their bytes.
 """
 
 from __future__ import annotations
@@ -61,7 +57,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
-from anylearn_sdk.server.api.resources import add_refs, objects_stored, ready_if_complete
+from anylearn_sdk.server.api.resources import (
+    add_refs,
+    objects_arrived,
+    objects_stored,
+    ready_if_complete,
+)
 from anylearn_sdk.server.context import DB, ApiError, Ctx, CurrentUser, ServerContext, not_found
 from anylearn_sdk.server.db import MissingObject, Resource, Upload, User, as_utc, utcnow
 from anylearn_sdk.server.objects import ObjectVerificationError, PackReceiver
@@ -823,6 +824,8 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
             if res is not None:
                 objects_stored(session, res.id, stored)
         session.commit()
+        if upload.state == STORED and res is None:  # a preupload: versions may wait for it
+            objects_arrived(session, upload.owner_id, stored)
         if upload.state != STORED or res is None:
             return
         # Uploads of one version finish on several threads at once. Each commits its objects
