@@ -346,7 +346,8 @@ def await_ready(
     """Poll the version every ``polling`` seconds until READY.
 
     Raises:
-        ResourceError: the server marked it ERROR (a file failed verification).
+        ResourceError: the server marked it ERROR (a file failed verification), or refused
+            a preupload of ``pending.early`` whose objects it waits for.
         AnylearnTimeoutError: not READY within ``timeout`` seconds.
         AnylearnError: the upload thread failed (its error is re-raised).
     """
