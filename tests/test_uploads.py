@@ -402,7 +402,7 @@ def test_a_preupload_that_fails_verification_fails_alone(user, tmp_path):
 
     tus = TusClient(ctx.api)
     tus.upload(tus.create(len(body), {"kind": "pack"}), Fixed())
-    _, res = register(ctx, data)  # waits for the preupload's verification
+    _, res = register(ctx, data)  # the preupload was verified before its last PATCH answered
     [preupload] = ctx.api.get_json("/uploads")
     assert preupload["state"] == "FAILED" and "failed verification" in preupload["error"]
     assert res["state"] == "UPLOADING" and res["missing"] == sorted([good.sha256, bad.sha256])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -60,7 +60,6 @@ class ServerContext:
     Attributes:
         upload_expiry: seconds an upload lives after its last byte arrived.
         io: threads that write and hash upload bodies off the event loop.
-        verifying: see :func:`anylearn_sdk.server.api.uploads.process_upload`.
     """
 
     paths: ServerPaths
@@ -72,8 +71,6 @@ class ServerContext:
     io: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="anylearn-io")
     )
-    #: upload id → the job verifying and storing that complete upload, while it runs.
-    verifying: dict[str, Future] = field(default_factory=dict)
 
 
 class ApiError(Exception):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Iterable, Mapping
-from concurrent.futures import wait
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
@@ -33,7 +32,6 @@ from anylearn_sdk.server.context import (
     DB,
     Ctx,
     CurrentUser,
-    ServerContext,
     bad_request,
     conflict,
     not_found,
@@ -55,8 +53,6 @@ from anylearn_sdk.wire import DigestList, MissingObjects, NewResource, ResourceR
 KINDS = {"dataset": ("datasets", "dset"), "model": ("models", "model")}
 #: Bound parameters per query (SQLite's default limit is 999).
 SQL_BATCH = 900
-#: A registration waits at most this long (seconds) for its owner's preuploads to be stored.
-PREUPLOAD_WAIT_SECONDS = 120.0
 objects_router = APIRouter(prefix="/objects", tags=["objects"])
 
 
@@ -236,21 +232,6 @@ def preuploads_arriving(session: Session, owner_id: str) -> bool:
     )
 
 
-def await_preuploads(ctx: ServerContext, owner_id: str) -> None:
-    """Wait, at most ``PREUPLOAD_WAIT_SECONDS``, until none of ``owner_id``'s preuploads (packs
-    sent before their version existed) is being verified: a registration that follows its
-    client's preuploads then finds their objects stored. One still receiving is not waited
-    for: its client has not finished it."""
-    preuploads = select(Upload.id).where(
-        Upload.owner_id == owner_id,
-        Upload.resource_id.is_(None),
-        Upload.state == UploadState.VERIFYING,
-    )
-    with ctx.sessions() as session:
-        jobs = [ctx.verifying.get(upload_id) for upload_id in session.scalars(preuploads)]
-    wait([job for job in jobs if job is not None], timeout=PREUPLOAD_WAIT_SECONDS)
-
-
 def still_missing(session: Session, res: Resource, objects: ObjectStore) -> list[str]:
     """The objects ``res`` still lacks, asked again (a registration of an existing version):
     its missing list, less what its owner has come to own since (through another version's
@@ -414,8 +395,7 @@ def make_router(kind: str) -> APIRouter:
         """Register a version by manifest; idempotent on (user, checksum).
 
         Answers 201 for a new version, 200 for an existing one, with ``missing``: the sha256
-        digests of the objects to upload (after the user's preuploads being verified are
-        stored).
+        digests of the objects to upload, or that the user's preuploads still bring.
         """
         try:
             described = _described(session, user, kind, body)
@@ -424,10 +404,6 @@ def make_router(kind: str) -> APIRouter:
         if hashlib.sha256(described.canonical).hexdigest() != body.checksum:
             raise bad_request(f"checksum {body.checksum} does not match the manifest")
         project = owned_project(session, user, body.project_id)
-        # Checked while the last preupload was being flushed; what is missing is asked after,
-        # in a transaction begun after the wait (one begun before would not see its objects).
-        session.commit()
-        await_preuploads(ctx, user.id)
         res = live_version(session, user, kind, body.checksum)
         response.status_code = 200
         if res is None:

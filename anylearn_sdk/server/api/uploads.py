@@ -28,10 +28,8 @@ Every upload names, in its ``Upload-Metadata``, the dataset or model it belongs 
 A ``pack`` may leave out ``resource_id``: a *preupload* (huggingface_hub's term), sent while
 its client is still hashing the folder, before the version exists. Its members are checked
 against their names only (any size); once stored they are the uploader's objects, struck off
-the missing objects of the uploader's versions still UPLOADING. A registration first waits
-for its owner's preuploads being verified
-(:func:`~anylearn_sdk.server.api.resources.await_preuploads`), so that what they brought is
-not listed missing.
+the missing objects of the uploader's versions still UPLOADING
+(:func:`~anylearn_sdk.server.api.resources.objects_arrived`).
 """
 
 from __future__ import annotations
@@ -655,19 +653,8 @@ def _complete(ctx: ServerContext, session: Session, upload: Upload) -> Future | 
 
 
 def _verify(ctx: ServerContext, upload_id: str) -> Future:
-    """Start :func:`process_upload` on a worker thread, kept in ``ctx.verifying`` until it
-    ends."""
-    with _hashers_lock:
-        job = ctx.scheduler.background.submit(process_upload, ctx, upload_id)
-        ctx.verifying[upload_id] = job
-
-    def done(_: Future) -> None:
-        with _hashers_lock:
-            if ctx.verifying.get(upload_id) is job:
-                del ctx.verifying[upload_id]
-
-    job.add_done_callback(done)
-    return job
+    """Start :func:`process_upload` on a worker thread."""
+    return ctx.scheduler.background.submit(process_upload, ctx, upload_id)
 
 
 @router.delete("/{upload_id}", status_code=204)
