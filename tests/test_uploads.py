@@ -49,6 +49,16 @@ def register(ctx, folder):
     return manifest, reply
 
 
+class FixedBody:
+    """A tus upload body held in memory."""
+
+    def __init__(self, data: bytes):
+        self.data, self.length = data, len(data)
+
+    def read_at(self, offset, size):
+        return self.data[offset : offset + size]
+
+
 def wait_state(ctx, resource_id, *, not_in=("UPLOADING",), timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -193,15 +203,9 @@ def test_server_refuses_a_link_member_in_a_pack(user, tmp_path):
         tar.addfile(info)
     body = buffer.getvalue()
 
-    class Fixed:
-        length = len(body)
-
-        def read_at(self, offset, size):
-            return body[offset : offset + size]
-
     tus = TusClient(ctx.api)
     url = tus.create(len(body), {"kind": "pack", "resource_id": res["id"]})
-    tus.upload(url, Fixed())
+    tus.upload(url, FixedBody(body))
     final = wait_state(ctx, res["id"])
     assert final["state"] == "ERROR" and "not a regular object file" in final["error"]
 
@@ -394,14 +398,8 @@ def test_a_preupload_that_fails_verification_fails_alone(user, tmp_path):
             tar.addfile(info, io.BytesIO(content))
     body = buffer.getvalue()
 
-    class Fixed:
-        length = len(body)
-
-        def read_at(self, offset, size):
-            return body[offset : offset + size]
-
     tus = TusClient(ctx.api)
-    tus.upload(tus.create(len(body), {"kind": "pack"}), Fixed())
+    tus.upload(tus.create(len(body), {"kind": "pack"}), FixedBody(body))
     _, res = register(ctx, data)  # the preupload was verified before its last PATCH answered
     [preupload] = ctx.api.get_json("/uploads")
     assert preupload["state"] == "FAILED" and "failed verification" in preupload["error"]

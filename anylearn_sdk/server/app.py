@@ -46,8 +46,6 @@ from anylearn_sdk.wire import API_PREFIX, TUS_VERSION, Health
 
 log = logging.getLogger(__name__)
 QUICKSTART_MIRROR = "QUICKSTART"
-#: How often expired uploads are swept, seconds.
-UPLOAD_SWEEP_SECONDS = 600.0
 _STATUS_CODES = {
     400: ErrorCode.BAD_REQUEST,
     401: ErrorCode.UNAUTHENTICATED,
@@ -215,7 +213,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        sweep = min(UPLOAD_SWEEP_SECONDS, ctx.upload_expiry)
+        sweep = uploads.sweep_seconds(ctx)
         ctx.scheduler.add_periodic(sweep, lambda: uploads.expire_uploads(ctx))
         ctx.objects.sweep_temporaries()  # before any upload can write one
         uploads.recover_packs(ctx)

@@ -74,6 +74,8 @@ from anylearn_sdk.wire import (
 )
 
 log = logging.getLogger(__name__)
+#: How often expired uploads are swept, seconds (see :func:`sweep_seconds`).
+UPLOAD_SWEEP_SECONDS = 600.0
 #: Uploads up to this many bytes are answered only once stored (see :func:`append`).
 ANSWER_STORED_BYTES = 4 * 1024 * 1024
 router = APIRouter(prefix="/uploads", tags=["uploads"])
@@ -231,12 +233,14 @@ def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) ->
     _check_version(request)
     metadata = parse_metadata(request.headers.get("upload-metadata"))
     concat_header = request.headers.get("upload-concat", "")
-    if "resource_id" not in metadata and metadata.get("kind") == "pack" and not concat_header:
-        return _create_preupload(request, user, session, ctx, metadata)
-    res = _uploading_resource(session, user, metadata.get("resource_id", ""))
+    # A pack (whole, not partial) that names no version is a preupload.
+    preupload = metadata.get("kind") == "pack" and "resource_id" not in metadata
+    res = None
+    if not preupload or concat_header:
+        res = _uploading_resource(session, user, metadata.get("resource_id", ""))
     now = utcnow()
     expires = now + timedelta(seconds=ctx.upload_expiry)
-    if concat_header.startswith("final;"):
+    if concat_header.startswith("final;") and res is not None:
         parts = _parse_final(concat_header, session, user)
         consumed_by = {p.parts[0] if p.state == CONSUMED and p.parts else None for p in parts}
         if len(consumed_by) == 1 and None not in consumed_by:
@@ -269,14 +273,14 @@ def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) ->
     partial = concat_header == "partial"
     if concat_header and not partial:
         raise _tus_error(400, "Upload-Concat must be 'partial' or 'final;<urls>'")
-    if not partial:
+    if not partial and res is not None:
         _check_kind(res, metadata, length)
     upload = Upload(
         id=secrets.token_hex(16),
         owner_id=user.id,
         length=length,
         metadata_json=metadata,
-        resource_id=res.id,
+        resource_id=res.id if res is not None else None,
         state=RECEIVING,
         concat="partial" if partial else None,
         expires_at=expires,
@@ -297,28 +301,6 @@ def _upload_length(request: Request) -> int:
     if length < 0 or length > TUS_MAX_SIZE:
         raise _tus_error(413, f"Upload-Length {length} is outside 0..{TUS_MAX_SIZE}")
     return length
-
-
-def _create_preupload(
-    request: Request, user: User, session: Session, ctx: ServerContext, metadata: dict[str, str]
-) -> Response:
-    """A pack of no version yet (see the module docstring)."""
-    length = _upload_length(request)
-    upload = Upload(
-        id=secrets.token_hex(16),
-        owner_id=user.id,
-        length=length,
-        metadata_json=metadata,
-        resource_id=None,
-        state=RECEIVING,
-        expires_at=utcnow() + timedelta(seconds=ctx.upload_expiry),
-    )
-    upload_path(ctx, upload.id).touch()
-    session.add(upload)
-    session.commit()
-    if length == 0:
-        _complete(ctx, session, upload)
-    return _created(upload)
 
 
 def _created(upload: Upload) -> Response:
@@ -825,17 +807,26 @@ def process_upload(ctx: ServerContext, upload_id: str) -> None:
         session.commit()
 
 
-def expire_uploads(ctx: ServerContext, now: datetime | None = None) -> int:
-    """Delete uploads whose ``expires_at`` passed, and upload files no row owns.
+def sweep_seconds(ctx: ServerContext) -> float:
+    """How often expired uploads are swept (seconds): every ``UPLOAD_SWEEP_SECONDS``, or
+    every ``upload_expiry`` if shorter."""
+    return min(UPLOAD_SWEEP_SECONDS, ctx.upload_expiry)
 
-    Uploads being verified are left alone, and so are files younger than the expiry (an upload
-    being created has its file before its row). Returns the number of uploads removed.
+
+def expire_uploads(ctx: ServerContext, now: datetime | None = None) -> int:
+    """Delete uploads expired for at least one sweep period, and upload files no row owns.
+
+    An expired upload answers 410 until then (tus §Expiration allows 404 or 410; 410 tells a
+    resuming client that the upload it journaled expired), whenever the sweep runs. Uploads
+    being verified are left alone, and so are files younger than the expiry (an upload being
+    created has its file before its row). Returns the number of uploads removed.
     """
     now = now or datetime.now(UTC)
+    gone_before = now - timedelta(seconds=sweep_seconds(ctx))
     removed = 0
     with ctx.sessions() as session:
         for upload in session.scalars(select(Upload).where(Upload.state != VERIFYING)):
-            if as_utc(upload.expires_at) <= now:
+            if as_utc(upload.expires_at) <= gone_before:
                 _forget(ctx, session, upload)
                 removed += 1
         session.commit()
