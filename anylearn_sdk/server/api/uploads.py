@@ -30,6 +30,12 @@ its client is still hashing the folder, before the version exists. Its members a
 against their names only (any size); once stored they are the uploader's objects, struck off
 the missing objects of the uploader's versions still UPLOADING
 (:func:`~anylearn_sdk.server.api.resources.objects_arrived`).
+
+Nothing counts until verified: a version becomes READY once every object of its manifest is
+in the store, and ERROR if any of its uploads fails verification. An upload expires
+``upload_expiry`` seconds after its last byte arrived (tus §Expiration, ``Upload-Expires``);
+an expired one answers 410 for one sweep period (:func:`sweep_seconds`), then it is swept
+with its bytes.
 """
 
 from __future__ import annotations
@@ -267,7 +273,7 @@ def create_upload(request: Request, user: CurrentUser, session: DB, ctx: Ctx) ->
             p.state, p.parts = CONSUMED, [final.id]
         session.add(final)
         session.commit()
-        _verify(ctx, final.id)
+        ctx.scheduler.background.submit(process_upload, ctx, final.id)
         return _created(final)
     length = _upload_length(request)
     partial = concat_header == "partial"
@@ -631,12 +637,7 @@ def _complete(ctx: ServerContext, session: Session, upload: Upload) -> Future | 
         return None
     upload.state = VERIFYING
     session.commit()
-    return _verify(ctx, upload.id)
-
-
-def _verify(ctx: ServerContext, upload_id: str) -> Future:
-    """Start :func:`process_upload` on a worker thread."""
-    return ctx.scheduler.background.submit(process_upload, ctx, upload_id)
+    return ctx.scheduler.background.submit(process_upload, ctx, upload.id)
 
 
 @router.delete("/{upload_id}", status_code=204)
@@ -755,7 +756,7 @@ def resume_verification(ctx: ServerContext) -> None:
     with ctx.sessions() as session:
         pending = list(session.scalars(select(Upload.id).where(Upload.state == VERIFYING)))
     for upload_id in pending:
-        _verify(ctx, upload_id)
+        ctx.scheduler.background.submit(process_upload, ctx, upload_id)
 
 
 def process_upload(ctx: ServerContext, upload_id: str) -> None:
