@@ -443,17 +443,17 @@ def test_a_preupload_refused_after_registration_fails_the_sync(user, tmp_path, m
     reason rather than waiting for objects that will not come, and a rerun sends them."""
     monkeypatch.setattr(upload, "PACK_BYTES", 40_000)
     data = make_folder(tmp_path / "data", small=50)
-    read_at = upload.PackReader.read_at
+    read_into = upload.PackReader.read_into
 
-    def corrupt(self, offset, size):
-        data_ = bytearray(read_at(self, offset, size))
-        if offset == 0 and len(data_) > 600:
-            data_[600] ^= 0xFF  # the first member's first bytes
-        return bytes(data_)
+    def corrupt(self, offset, view):
+        filled = read_into(self, offset, view)
+        if offset == 0 and filled > 600:
+            view[600] ^= 0xFF  # the first member's first bytes
+        return filled
 
-    monkeypatch.setattr(upload.PackReader, "read_at", corrupt)
+    monkeypatch.setattr(upload.PackReader, "read_into", corrupt)
     with pytest.raises(ResourceError, match="preupload .* failed: object .* failed verification"):
         sync_dataset(data, progress=False, resource_polling=0.1, resource_timeout=30)
-    monkeypatch.setattr(upload.PackReader, "read_at", read_at)
+    monkeypatch.setattr(upload.PackReader, "read_into", read_into)
     again = sync_dataset(data, progress=False, resource_polling=0.1)
     assert again.state == "READY"

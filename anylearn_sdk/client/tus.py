@@ -40,6 +40,13 @@ class Body(Protocol):
     def read_at(self, offset: int, size: int) -> bytes: ...
 
 
+class FillableBody(Body, Protocol):
+    """A body that can also fill a caller's buffer (no bytes object per read)."""
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """Fill ``view`` from ``offset``; returns the bytes filled (fewer only at the end)."""
+
+
 class UploadStopped(AnylearnError):
     """The upload was stopped on request (Ctrl-C): what the server acknowledged stays, and
     the next run resumes from the server's offset."""
@@ -52,6 +59,10 @@ class _PatchBody:
     as is (chunked encoding would copy every block once more to frame it). One PATCH thus
     carries up to ``PATCH_BYTES`` with one round trip, and a cut connection still keeps every
     byte that reached the server.
+
+    A body with ``read_into`` (:class:`FillableBody`) is read into one buffer, reused for each
+    block: http.client hands a block to ``sendall`` before it asks for the next, so no block
+    is overwritten while still needed, and no fresh memory is faulted in for every 8 MiB.
     """
 
     def __init__(
@@ -70,12 +81,18 @@ class _PatchBody:
 
     def __iter__(self):
         offset = self.start
+        fill = getattr(self.reader, "read_into", None)
+        buffer = memoryview(bytearray(min(UPLOAD_CHUNK_BYTES, len(self)))) if fill else None
         while offset < self.end:
             if self.stop is not None and self.stop.is_set():
                 # Raised inside the request: urllib3 closes the connection, and the server
                 # keeps the bytes that reached it (tus §Core, PATCH without a checksum).
                 raise UploadStopped("upload stopped")
-            block = self.reader.read_at(offset, min(UPLOAD_CHUNK_BYTES, self.end - offset))
+            want = min(UPLOAD_CHUNK_BYTES, self.end - offset)
+            if buffer is not None:
+                block = buffer[: fill(offset, buffer[:want])]
+            else:
+                block = self.reader.read_at(offset, want)
             if not block:
                 return
             self.count(len(block))

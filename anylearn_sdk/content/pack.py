@@ -101,19 +101,29 @@ class PackReader:
         Raises:
             InvalidArgumentError: a source changed since it was hashed.
         """
+        data = bytearray(max(0, min(size, self.length - offset)))
+        return bytes(data[: self.read_into(offset, memoryview(data))])
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """Fill ``view`` with the bytes starting at ``offset``; returns how many (fewer than
+        ``len(view)`` only at the end of the pack). Each source is read straight into ``view``.
+
+        Raises:
+            InvalidArgumentError: a source changed since it was hashed.
+        """
         if not self._segments:
             self._lay_out()
-        out = bytearray()
+        filled, size = 0, len(view)
         index = bisect.bisect_right(self._starts, offset) - 1
-        while size > 0 and 0 <= index < len(self._segments):
+        while filled < size and 0 <= index < len(self._segments):
             start, what, length = self._segments[index]
             skip = offset - start
-            take = min(length - skip, size)
+            take = min(length - skip, size - filled)
             if isinstance(what, bytes):
-                out += what[skip : skip + take]
+                view[filled : filled + take] = what[skip : skip + take]
             else:
-                out += what.source.read(skip, take)
+                what.source.read_into(skip, view[filled : filled + take])
             offset += take
-            size -= take
+            filled += take
             index += 1
-        return bytes(out)
+        return filled

@@ -1,7 +1,9 @@
 """Where the bytes of one manifest entry come from: a file, or a member of a user's archive.
 
 Uploads read any range of a source at any time (a resumed part starts mid-file), so a source
-answers ``read(skip, take)`` and checks that what it reads is still what was hashed.
+answers ``read(skip, take)`` and checks that what it reads is still what was hashed. The
+sender fills its one buffer with ``read_into(skip, view)`` instead: no bytes object per file
+and no copy of it into the block sent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class Source(Protocol):
             ContentChangedError: the source changed since it was hashed.
         """
 
+    def read_into(self, skip: int, view: memoryview) -> None:
+        """Fill ``view`` with the ``len(view)`` bytes starting ``skip`` bytes in.
+
+        Raises:
+            ContentChangedError: the source changed since it was hashed.
+        """
+
 
 @dataclass(frozen=True)
 class FileSource:
@@ -35,16 +44,27 @@ class FileSource:
     size: int
 
     def read(self, skip: int, take: int) -> bytes:
-        with open(self.path, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size != self.size:
+        data = bytearray(take)
+        self.read_into(skip, memoryview(data))
+        return bytes(data)
+
+    def read_into(self, skip: int, view: memoryview) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != self.size:
                 raise ContentChangedError(
                     f"file {self.path!r} changed while uploading; submit again"
                 )
-            f.seek(skip)
-            data = f.read(take)
-        if len(data) != take:
-            raise ContentChangedError(f"file {self.path!r} changed while uploading; submit again")
-        return data
+            filled = 0
+            while filled < len(view):
+                n = os.preadv(fd, [view[filled:]], skip + filled)
+                if not n:
+                    raise ContentChangedError(
+                        f"file {self.path!r} changed while uploading; submit again"
+                    )
+                filled += n
+        finally:
+            os.close(fd)
 
 
 _open_archives = threading.local()
@@ -92,3 +112,6 @@ class ArchiveMemberSource:
         if len(data) != take:
             raise ContentChangedError(f"archive {self.archive!r} changed while uploading")
         return data
+
+    def read_into(self, skip: int, view: memoryview) -> None:
+        view[:] = self.read(skip, len(view))

@@ -79,6 +79,12 @@ class SliceBody:
         take = max(0, min(size, self.length - offset))
         return self.source.read(self.start + offset, take) if take else b""
 
+    def read_into(self, offset: int, view: memoryview) -> int:
+        take = max(0, min(len(view), self.length - offset))
+        if take:
+            self.source.read_into(self.start + offset, view[:take])
+        return take
+
 
 @dataclass
 class Unit:
