@@ -20,8 +20,8 @@ random loopback port, and prints each figure as a ratio to its reference:
   upload.
 
 Usage: python scripts/bench_data_path.py [--large-count 8 --large-mib 128 --small-count 20000
---small-kib 50 --cold-rounds 3] [--workdir DIR]. Needs curl, tar and rsync on PATH. Exit code 1 if a target
-is missed.
+--small-kib 50 --cold-rounds 3] [--workdir DIR]. Needs curl, tar and rsync on PATH. Exit code
+1 if a target is missed.
 """
 
 from __future__ import annotations
