@@ -12,10 +12,10 @@ random loopback port, and prints each figure as a ratio to its reference:
 - upload of the large files vs. ``curl -T`` of the same bytes to the same server;
 - upload of the small files vs. ``tar -cf`` of them (packing reference, for information), and
   call to READY vs. ``rsync -a`` + ``sync`` of them to a fresh folder (the medians of
-  ``--cold-rounds`` back-to-back pairs, each SDK run on a fresh server with an empty local
-  store), with each round's figures, the median round's phases and how long READY followed the
-  last acknowledged byte; and for comparison the server alone receiving, verifying and storing
-  the same files (the packs sent by ``curl -T``);
+  ``--cold-rounds`` back-to-back pairs in alternating order, each SDK run on a fresh server
+  with an empty local store), with each round's figures, the median round's phases and how
+  long READY followed the last acknowledged byte; and for comparison the server alone
+  receiving, verifying and storing the same files (the packs sent by ``curl -T``);
 - one changed small file: call to READY, against twice the unchanged resubmit plus the file's
   upload.
 
@@ -349,22 +349,26 @@ class ColdRound:
 
 
 def cold_round(work: Path, small: Path, index: int) -> ColdRound:
-    """``rsync -a`` + ``sync`` of ``small`` to a fresh folder, then at once ``sync_dataset`` of
-    it to a fresh server (one that holds the objects would not write them) with an empty
-    local store. The pair runs back to back because this machine's speed moves by seconds
+    """``rsync -a`` + ``sync`` of ``small`` to a fresh folder and ``sync_dataset`` of it to a
+    fresh server (one that holds the objects would not write them) with an empty local store,
+    one right after the other: rsync first in even rounds, the SDK first in odd ones, so
+    neither is favoured by its place. Pairs, because this machine's speed moves by seconds
     from one minute to the next (other guests' steal time, writeback of earlier work): one
     pair can land either side of the target, the median of several pairs does not."""
     steal = steal_seconds()
-    rsync_seconds = rsync_and_sync(small, work / f"rsync-copy-{index}")
     proc, url, admin = start_server(work / f"server-cold-{index}")
     home = os.environ["ANYLEARN_HOME"]
     os.environ["ANYLEARN_HOME"] = str(work / f"home-cold-{index}")
     try:
         init_sdk(url, token=new_user(url, admin, "cold"))
+        if index % 2 == 0:
+            rsync_seconds = rsync_and_sync(small, work / f"rsync-copy-{index}")
         clock = PhaseClock()
         start = time.perf_counter()
         sync_dataset(small, progress=clock, resource_polling=0.2)
         seconds = time.perf_counter() - start
+        if index % 2 == 1:
+            rsync_seconds = rsync_and_sync(small, work / f"rsync-copy-{index}")
     finally:
         os.environ["ANYLEARN_HOME"] = home
         reset()
@@ -483,7 +487,8 @@ def main() -> int:
         rounds = [cold_round(work, small, index) for index in range(args.cold_rounds)]
         for index, round_ in enumerate(rounds):
             print(
-                f"  round {index + 1}: rsync -a + sync {round_.rsync:.2f} s, SDK call to READY "
+                f"  round {index + 1} ({'SDK' if index % 2 else 'rsync'} first): rsync -a + sync "
+                f"{round_.rsync:.2f} s, SDK call to READY "
                 f"{round_.sdk:.2f} s (ratio {round_.sdk / round_.rsync:.2f}), READY "
                 f"{round_.after_last_byte:.2f} s after the last byte; steal {round_.steal:.1f} s"
             )
