@@ -387,6 +387,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--cold-rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.cold_rounds < 1:
+        parser.error(f"--cold-rounds {args.cold_rounds}: use 1 or more")
     for tool in ("curl", "tar", "rsync"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is needed on PATH")
@@ -411,8 +413,8 @@ def main() -> int:
             failures.append(name)
 
     try:
-        token_of_bench = new_user(url, admin, "bench")
-        init_sdk(url, token=token_of_bench)
+        bench_token = new_user(url, admin, "bench")
+        init_sdk(url, token=bench_token)
         raw = raw_sha256_rate()
         print(f"reference: hashlib sha256 single core {raw / 1e9:.2f} GB/s")
 
@@ -533,7 +535,7 @@ def main() -> int:
             "< 1 s",
             after < 1.0,
         )
-        init_sdk(url, token=token_of_bench)
+        init_sdk(url, token=bench_token)
 
         # Tasks on the cold version: the first lays its files out; the second finds them.
         algo = work / "algo"
